@@ -1,0 +1,167 @@
+"""The ``tracevisor`` command: the composition root for every subcommand.
+
+Host/configuration problems end with one ``tracevisor: error: …`` line and status 1; guest problems end
+with a stop report and status 3; the guest's own exit code is the status of a normal run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .errors import TracevisorError
+
+GUEST_ARGS_HELP = "arguments passed to the guest (its argv[1:]); everything after KERNEL goes here"
+
+
+def _env_default(name: str, fallback: str) -> str:
+    return os.environ.get(name, fallback)
+
+
+def add_vm_options(p: argparse.ArgumentParser) -> None:
+    """The options of `run` (shared by `record`), mirroring uhyve 0.2.1."""
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="give the kernel the serial port 0x800 for its log (as uhyve -v) and print "
+                        "tracevisor's own notes (refused file requests, unknown ports) to stderr")
+    p.add_argument("-m", "--memory", default=_env_default("HERMIT_MEMORY_SIZE", "64M"), metavar="SIZE",
+                   help="guest RAM, e.g. 64M, 256MiB, 1G (binary units; 16M to 3328M; default 64M; "
+                        "env HERMIT_MEMORY_SIZE)")
+    p.add_argument("-c", "--cpus", type=int, default=int(_env_default("HERMIT_CPU_COUNT", "1")),
+                   metavar="N", help="number of vCPUs, one host thread each (default 1; env HERMIT_CPU_COUNT)")
+    p.add_argument("--mount", action="append", default=[], metavar="HOSTDIR[:GUESTDIR][:ro]",
+                   help="make a host directory visible to the guest at GUESTDIR (default /, so relative "
+                        "guest paths resolve inside it); repeatable; ':ro' refuses writes. Without a "
+                        "mount the guest sees no host file. Paths cannot escape with '..' or symlinks")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="add an environment variable for the guest (repeatable)")
+    p.add_argument("--no-host-env", action="store_true",
+                   help="do not pass the host's environment to the guest (uhyve passes all of it)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the VM after this many seconds (exit status 124)")
+    p.add_argument("--pit", action="store_true", help="create KVM's in-kernel PIT (as uhyve --pit)")
+    p.add_argument("kernel", metavar="KERNEL", help="the unikernel: a Hermit kernel or a static x86-64 ELF")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help=GUEST_ARGS_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tracevisor",
+        description="A uhyve-compatible hypervisor for Hermit unikernels on Linux KVM that records "
+                    "every VM exit, hypercall and host response to a trace and replays it.",
+        epilog="Run 'tracevisor COMMAND --help' for the options of a command.")
+    parser.add_argument("--version", action="version", version=f"tracevisor {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="boot and run a kernel (like `uhyve KERNEL`)",
+                       description="Boot KERNEL on KVM as uhyve 0.2.1 would and serve its hypercalls. "
+                                   "The exit status is the guest's exit code.")
+    add_vm_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("examples", help="list the bundled example guests, or print one's path",
+                       description="The example guests ship with tracevisor (built with gcc on first use "
+                                   "if they were not prebuilt). Try: tracevisor run \"$(tracevisor examples hello)\"")
+    p.add_argument("name", nargs="?", help="print the path of this example (building it if needed)")
+    p.set_defaults(func=cmd_examples)
+    return parser
+
+
+def vm_setup(ns: argparse.Namespace):
+    """Options → (VmConfig, KernelImage, Sandbox, argv, env); every problem is a TracevisorError."""
+    from .loader import load_kernel
+    from .machine import VmConfig, parse_size
+    from .sandbox import Sandbox, parse_mount
+
+    memory = parse_size(ns.memory)
+    config = VmConfig(kernel=ns.kernel, args=list(ns.args), memory=memory, cpus=ns.cpus,
+                      verbose=ns.verbose, pit=ns.pit, timeout=ns.timeout)
+    config.validate()
+    if ns.timeout is not None and ns.timeout <= 0:
+        raise TracevisorError("--timeout must be positive")
+    image = load_kernel(ns.kernel, memory)
+    mounts = [parse_mount(m) for m in ns.mount]
+    for e in ns.env:
+        if "=" not in e or e.startswith("="):
+            raise TracevisorError(f"bad --env {e!r}: expected KEY=VALUE")
+    env: dict[str, str] = {} if ns.no_host_env else dict(os.environ)
+    env.update(e.split("=", 1) for e in ns.env)
+    env_list = [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items()]
+    if len(env_list) > 128:
+        print(f"tracevisor: warning: the guest gets only the first 128 of {len(env_list)} environment "
+              "variables (the CMDSIZE limit)", file=sys.stderr)
+        env_list = env_list[:128]
+    argv = [ns.kernel.encode("utf-8", "surrogateescape")] + [a.encode("utf-8", "surrogateescape")
+                                                              for a in ns.args]
+    if len(argv) > 128:
+        raise TracevisorError(f"too many guest arguments ({len(argv) - 1}); the ABI allows 127")
+    return config, image, Sandbox(mounts), argv, env_list
+
+
+def finish(info, verbose_log=None) -> int:
+    """Print the stop report (if any) and return the process status."""
+    text = info.format()
+    if text:
+        print(text, file=sys.stderr, flush=True)
+        tb = info.report.get("traceback")
+        if tb:
+            print(tb, file=sys.stderr)
+    return info.status
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from .hostio import Console, LiveHostIO
+    from .machine import Machine
+
+    config, image, sandbox, argv, env = vm_setup(ns)
+    machine = Machine(config, image)
+    try:
+        hostio = LiveHostIO(sandbox, argv, env, Console(), tsc_khz=machine.tsc_khz)
+        info = machine.run(hostio)
+        hostio.close_all()
+        if ns.verbose:
+            for line in hostio.log:
+                print(f"tracevisor: refused {line}", file=sys.stderr)
+        return finish(info)
+    finally:
+        machine.close()
+
+
+def cmd_examples(ns: argparse.Namespace) -> int:
+    from . import guestbuild
+
+    if ns.name:
+        if ns.name not in guestbuild.EXAMPLES:
+            raise TracevisorError(f"no example named {ns.name!r}; choose from {', '.join(guestbuild.EXAMPLES)}")
+        print(guestbuild.example(ns.name))
+        return 0
+    for name in guestbuild.EXAMPLES:
+        print(name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return ns.func(ns)
+    except TracevisorError as e:
+        print(f"tracevisor: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tracevisor: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = None  # type: ignore[assignment]
+        except Exception:
+            pass
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""HostIO: the one seam through which every value from outside reaches the guest.
+
+Hypercall handlers never call ``os.*`` themselves; they ask a HostIO.  Three backends:
+
+* :class:`LiveHostIO` — does the real thing: sandboxed files (see sandbox.py), host stdio, clock.
+* :class:`RecordingHostIO` — wraps another HostIO and logs every request with its answer as a ``hostio``
+  trace event (plus console output as ``console`` events).
+* ``replay.backend.ReplayingHostIO`` — answers from a trace and checks that the request matches.
+
+Every method takes the calling vCPU first, so record and replay can keep one ordered stream per vCPU.
+Results follow uhyve 0.2.1: raw values, -1 on any error (errno is not passed to the guest).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from .sandbox import Sandbox
+
+STDIN, STDOUT, STDERR = 0, 1, 2
+MAX_GUEST_FILES = 512
+MAX_IO_CHUNK = 1 << 26  # one READ never asks the host for more than 64 MiB at once
+
+
+class HostIO:
+    """The interface (and the documentation of each request)."""
+
+    def open(self, cpu: int, path: bytes, flags: int, mode: int) -> int:
+        """Guest fd (≥ 3) or -1."""
+        raise NotImplementedError
+
+    def close(self, cpu: int, fd: int) -> int:
+        raise NotImplementedError
+
+    def read(self, cpu: int, fd: int, length: int) -> tuple[int, bytes]:
+        """(result, data): result = len(data) ≥ 0, or -1 with no data."""
+        raise NotImplementedError
+
+    def write(self, cpu: int, fd: int, data: bytes) -> int:
+        raise NotImplementedError
+
+    def lseek(self, cpu: int, fd: int, offset: int, whence: int) -> int:
+        raise NotImplementedError
+
+    def unlink(self, cpu: int, path: bytes) -> int:
+        raise NotImplementedError
+
+    def cmdline(self, cpu: int) -> tuple[list[bytes], list[bytes]]:
+        """(argv, env) as given to the guest; argv[0] is the kernel path."""
+        raise NotImplementedError
+
+    def boot_time_ns(self, cpu: int) -> int:
+        raise NotImplementedError
+
+    def cpu_freq_khz(self, cpu: int) -> int:
+        raise NotImplementedError
+
+    def console(self, cpu: int, stream: str, data: bytes) -> None:
+        """Guest output: stream is "uart", "stdout" or "stderr".  Not an input; never fails."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Flush buffered console output."""
+
+    def close_all(self) -> None:
+        """Release every host resource held for the guest."""
+
+
+class Console:
+    """Line-buffered guest console on the host's stdout/stderr (as uhyve's Rust stdout)."""
+
+    def __init__(self, out_fd: int | None = None, err_fd: int | None = None, quiet: bool = False) -> None:
+        self.out_fd = sys.stdout.fileno() if out_fd is None else out_fd
+        self.err_fd = sys.stderr.fileno() if err_fd is None else err_fd
+        self.quiet = quiet
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+
+    def write(self, stream: str, data: bytes) -> None:
+        if self.quiet:
+            return
+        with self._lock:
+            if stream == "stderr":
+                self._flush_locked()
+                _write_all(self.err_fd, data)
+                return
+            self._buf += data
+            if b"\n" in data or len(self._buf) >= 8192:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._buf:
+            _write_all(self.out_fd, bytes(self._buf))
+            self._buf.clear()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            time.sleep(0.001)
+            continue
+        except OSError:
+            return  # the host's stdout went away (closed pipe): drop guest output, keep running
+        view = view[n:]
+
+
+@dataclass
+class OpenFile:
+    host_fd: int
+    path: str
+
+
+class LiveHostIO(HostIO):
+    """The real host: sandboxed files, stdio, wall clock and KVM's TSC frequency."""
+
+    def __init__(self, sandbox: Sandbox, argv: list[bytes], env: list[bytes], console: Console,
+                 tsc_khz: int = 0, max_files: int = MAX_GUEST_FILES) -> None:
+        self.sandbox = sandbox
+        self.argv = argv
+        self.env = env
+        self.console_out = console
+        self.tsc_khz = tsc_khz
+        self.max_files = max_files
+        self.files: dict[int, OpenFile] = {}
+        self.closed_stdio: set[int] = set()
+        self._lock = threading.Lock()
+        self.log: list[str] = []  # refusals, for -v
+
+    def _refuse(self, what: str, err: OSError | str) -> int:
+        msg = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        self.log.append(f"{what}: {msg}")
+        return -1
+
+    def _alloc_fd(self) -> int | None:
+        fd = 3
+        while fd in self.files:
+            fd += 1
+        return fd if len(self.files) < self.max_files else None
+
+    def open(self, cpu, path, flags, mode):
+        with self._lock:
+            if len(self.files) >= self.max_files:
+                return self._refuse(f"open {path!r}", f"too many open files ({self.max_files})")
+            try:
+                host_fd, host_path = self.sandbox.open(path, flags, mode)
+            except OSError as e:
+                return self._refuse(f"open {path!r}", e)
+            fd = self._alloc_fd()
+            assert fd is not None
+            self.files[fd] = OpenFile(host_fd, host_path)
+            return fd
+
+    def close(self, cpu, fd):
+        with self._lock:
+            f = self.files.pop(fd, None)
+            if f is None:
+                if fd in (STDIN, STDOUT, STDERR) and fd not in self.closed_stdio:
+                    self.closed_stdio.add(fd)  # the guest's view only; the host's stdio stay open
+                    return 0
+                return -1
+            try:
+                os.close(f.host_fd)
+            except OSError:
+                return -1
+            return 0
+
+    def read(self, cpu, fd, length):
+        length = min(length, MAX_IO_CHUNK)
+        if fd == STDIN and fd not in self.closed_stdio:
+            host_fd = sys.stdin.fileno() if sys.stdin else -1
+        else:
+            f = self.files.get(fd)
+            if f is None:
+                return -1, b""
+            host_fd = f.host_fd
+        try:
+            data = os.read(host_fd, length)
+        except OSError:
+            return -1, b""
+        return len(data), data
+
+    def write(self, cpu, fd, data):
+        if fd in (STDOUT, STDERR) and fd not in self.closed_stdio:
+            self.console_out.write("stdout" if fd == STDOUT else "stderr", data)
+            return len(data)
+        f = self.files.get(fd)
+        if f is None:
+            return -1
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(f.host_fd, view):]
+        except OSError:
+            return -1
+        return len(data)
+
+    def lseek(self, cpu, fd, offset, whence):
+        f = self.files.get(fd)
+        if f is None or whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END):
+            return -1
+        try:
+            return os.lseek(f.host_fd, offset, whence)
+        except (OSError, OverflowError):
+            return -1
+
+    def unlink(self, cpu, path):
+        try:
+            self.sandbox.unlink(path)
+            return 0
+        except OSError as e:
+            return self._refuse(f"unlink {path!r}", e)
+
+    def cmdline(self, cpu):
+        return list(self.argv), list(self.env)
+
+    def boot_time_ns(self, cpu):
+        return time.time_ns()
+
+    def cpu_freq_khz(self, cpu):
+        return (self.tsc_khz // 1000) * 1000  # whole MHz, as uhyve rounds
+
+    def console(self, cpu, stream, data):
+        self.console_out.write("stdout" if stream == "uart" else stream, data)
+
+    def flush(self):
+        self.console_out.flush()
+
+    def close_all(self):
+        self.console_out.flush()
+        with self._lock:
+            for f in self.files.values():
+                try:
+                    os.close(f.host_fd)
+                except OSError:
+                    pass
+            self.files.clear()
+        self.sandbox.close()
+
+
+class RecordingHostIO(HostIO):
+    """Wraps a HostIO and logs each request and answer as a ``hostio`` event (console as ``console``)."""
+
+    def __init__(self, inner: HostIO, writer, clock) -> None:
+        self.inner = inner
+        self.writer = writer
+        self.clock = clock  # () -> ns since the trace's start
+        self._uart: dict[int, tuple[int, bytearray]] = {}
+
+    def _log(self, cpu: int, op: str, args: list, ret, data: bytes | None = None) -> None:
+        fields = {"op": op, "args": args, "ret": ret}
+        if data:
+            fields["data"] = data
+        self.writer.event("hostio", cpu, self.clock(), **fields)
+
+    def open(self, cpu, path, flags, mode):
+        ret = self.inner.open(cpu, path, flags, mode)
+        self._log(cpu, "open", [path, flags, mode], ret)
+        return ret
+
+    def close(self, cpu, fd):
+        ret = self.inner.close(cpu, fd)
+        self._log(cpu, "close", [fd], ret)
+        return ret
+
+    def read(self, cpu, fd, length):
+        ret, data = self.inner.read(cpu, fd, length)
+        self._log(cpu, "read", [fd, length], ret, data)
+        return ret, data
+
+    def write(self, cpu, fd, data):
+        ret = self.inner.write(cpu, fd, data)
+        if fd in (STDOUT, STDERR):
+            self._flush_uart(cpu)
+            self.writer.event("console", cpu, self.clock(), stream="stdout" if fd == STDOUT else "stderr",
+                              data=bytes(data))
+        self._log(cpu, "write", [fd, len(data)], ret)
+        return ret
+
+    def lseek(self, cpu, fd, offset, whence):
+        ret = self.inner.lseek(cpu, fd, offset, whence)
+        self._log(cpu, "lseek", [fd, offset, whence], ret)
+        return ret
+
+    def unlink(self, cpu, path):
+        ret = self.inner.unlink(cpu, path)
+        self._log(cpu, "unlink", [path], ret)
+        return ret
+
+    def cmdline(self, cpu):
+        argv, env = self.inner.cmdline(cpu)
+        self._log(cpu, "cmdline", [], [list(argv), list(env)])
+        return argv, env
+
+    def boot_time_ns(self, cpu):
+        ret = self.inner.boot_time_ns(cpu)
+        self._log(cpu, "boot_time", [], ret)
+        return ret
+
+    def cpu_freq_khz(self, cpu):
+        ret = self.inner.cpu_freq_khz(cpu)
+        self._log(cpu, "cpu_freq", [], ret)
+        return ret
+
+    def console(self, cpu, stream, data):
+        self.inner.console(cpu, stream, data)
+        if stream != "uart":
+            self.writer.event("console", cpu, self.clock(), stream=stream, data=bytes(data))
+            return
+        # UART output arrives a byte per exit: coalesce it into one event per line (or 4 KiB).
+        entry = self._uart.get(cpu)
+        if entry is None:
+            entry = self._uart[cpu] = (self.clock(), bytearray())
+        entry[1].extend(data)
+        if b"\n" in data or len(entry[1]) >= 4096:
+            self._flush_uart(cpu)
+
+    def _flush_uart(self, cpu: int) -> None:
+        entry = self._uart.pop(cpu, None)
+        if entry and entry[1]:
+            self.writer.event("console", cpu, entry[0], stream="uart", data=bytes(entry[1]))
+
+    def flush(self):
+        for cpu in list(self._uart):
+            self._flush_uart(cpu)
+        self.inner.flush()
+
+    def close_all(self):
+        self.flush()
+        self.inner.close_all()
+
+
+def host_errno_name(err: int) -> str:
+    return errno.errorcode.get(err, str(err))

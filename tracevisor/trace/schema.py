@@ -1,0 +1,455 @@
+"""The one definition of the tracevisor trace format (``.tvt``).
+
+Everything a writer or reader needs to agree on lives here: the magic, the format version, the frame
+layout, the exit-row layout, the exit reason names, and the fields of the header, the footer and every
+rich event kind.  ``docs/trace-format.md`` contains tables generated from this module
+(``python -m tracevisor.trace.schema`` prints them) and a test checks that they match, so the prose
+specification and the code cannot drift apart.
+
+Why a fixed binary row for exits and msgpack maps for everything else: exits are by far the most frequent
+record (one per KVM exit) and must be cheap to write and loadable as columns with one ``numpy.frombuffer``;
+everything else is rare, varied and benefits from self-describing, extensible maps.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# --------------------------------------------------------------------------------------------------
+# File layout
+# --------------------------------------------------------------------------------------------------
+
+#: First 8 bytes of every trace file (PNG-style: a non-ASCII byte, the name, CR LF, ^Z, LF).
+MAGIC = b"\x89TVT\r\n\x1a\n"
+
+#: Format version written by this tracevisor: (major, minor).
+FORMAT_VERSION = (1, 0)
+#: The major version this tracevisor reads (any minor of it).
+READS_MAJOR = 1
+
+#: Frame header: type (u8), flags (u8), reserved (u16, 0), payload length (u32), CRC32 of the payload (u32).
+FRAME_HEADER = struct.Struct("<BBHII")
+FRAME_HEADER_SIZE = FRAME_HEADER.size  # 12
+
+FRAME_HEADER_TYPE = ord("H")  # header: exactly one, the first frame
+FRAME_CHUNK_TYPE = ord("C")  # chunk of events
+FRAME_FOOTER_TYPE = ord("F")  # footer: last frame, optional (absent when the recorder was killed)
+
+#: Frame flag bit 0: the payload is a zstd frame (with its content size) holding the msgpack payload.
+FLAG_ZSTD = 0x01
+#: Flag bits a 1.x reader understands; a frame with any other bit set cannot be decoded (skip it).
+KNOWN_FLAGS = FLAG_ZSTD
+
+#: Trailer after the footer frame: u64 LE offset of the footer frame, then TRAILER_MAGIC.
+TRAILER = struct.Struct("<Q8s")
+TRAILER_SIZE = TRAILER.size  # 16
+TRAILER_MAGIC = b"TVTFOOT\n"
+
+#: Upper bound of a frame payload, stored or decompressed (the length field is a u32).
+MAX_PAYLOAD = 0xFFFF_FFFF
+
+# --------------------------------------------------------------------------------------------------
+# Exit rows
+# --------------------------------------------------------------------------------------------------
+
+#: One exit = one 27-byte little-endian row, no padding.
+EXIT_ROW = struct.Struct("<QQIHHBBB")
+EXIT_ROW_SIZE = EXIT_ROW.size  # 27
+#: Field names of an exit row, in row order.
+EXIT_FIELDS = ("t_ns", "rip", "value", "port", "vcpu", "reason", "dir", "size")
+#: ``numpy.dtype(EXIT_DTYPE_FIELDS)`` describes one row; use it with ``numpy.frombuffer(chunk.exits, ...)``.
+EXIT_DTYPE_FIELDS = [
+    ("t_ns", "<u8"),
+    ("rip", "<u8"),
+    ("value", "<u4"),
+    ("port", "<u2"),
+    ("vcpu", "<u2"),
+    ("reason", "u1"),
+    ("dir", "u1"),
+    ("size", "u1"),
+]
+#: Byte offset and width of each field inside a row (for strided, numpy-free column extraction).
+EXIT_FIELD_LAYOUT = {
+    "t_ns": (0, 8),
+    "rip": (8, 8),
+    "value": (16, 4),
+    "port": (20, 2),
+    "vcpu": (22, 2),
+    "reason": (24, 1),
+    "dir": (25, 1),
+    "size": (26, 1),
+}
+
+#: ``dir`` values (KVM_EXIT_IO_IN / KVM_EXIT_IO_OUT).
+DIR_IN = 0
+DIR_OUT = 1
+
+#: KVM_EXIT_* numbers (linux/kvm.h) and their names.  Unknown numbers print as ``REASON_<n>``.
+EXIT_REASONS: dict[int, str] = {
+    0: "UNKNOWN",
+    1: "EXCEPTION",
+    2: "IO",
+    3: "HYPERCALL",
+    4: "DEBUG",
+    5: "HLT",
+    6: "MMIO",
+    7: "IRQ_WINDOW_OPEN",
+    8: "SHUTDOWN",
+    9: "FAIL_ENTRY",
+    10: "INTR",
+    11: "SET_TPR",
+    12: "TPR_ACCESS",
+    16: "NMI",
+    17: "INTERNAL_ERROR",
+    24: "SYSTEM_EVENT",
+    26: "IOAPIC_EOI",
+    29: "X86_RDMSR",
+    30: "X86_WRMSR",
+    33: "X86_BUS_LOCK",
+    37: "NOTIFY",
+    39: "MEMORY_FAULT",
+}
+EXIT_IO = 2
+EXIT_DEBUG = 4
+EXIT_HLT = 5
+EXIT_MMIO = 6
+EXIT_SHUTDOWN = 8
+EXIT_FAIL_ENTRY = 9
+EXIT_INTR = 10
+EXIT_INTERNAL_ERROR = 17
+EXIT_SYSTEM_EVENT = 24
+
+
+def reason_name(reason: int) -> str:
+    """Name of a KVM exit reason number (``REASON_<n>`` when unknown)."""
+    return EXIT_REASONS.get(reason, f"REASON_{reason}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hypercalls (port-I/O, uhyve ABI)
+# --------------------------------------------------------------------------------------------------
+
+#: Hypercall name -> port.
+HYPERCALL_PORTS: dict[str, int] = {
+    "write": 0x400,
+    "open": 0x440,
+    "close": 0x480,
+    "read": 0x500,
+    "exit": 0x540,
+    "lseek": 0x580,
+    "netwrite": 0x640,
+    "netread": 0x680,
+    "netstat": 0x700,
+    "cmdsize": 0x740,
+    "cmdval": 0x780,
+    "uart": 0x800,
+    "unlink": 0x840,
+}
+#: Keys of a hypercall event's ``args`` map: the argument block's fields, by their ABI names (the result
+#: field of a block, ``ret``, is not repeated here: it is the event's top-level ``ret``).
+HYPERCALL_ARGS: dict[str, tuple[str, ...]] = {
+    "write": ("fd", "buf", "len"),
+    "open": ("name", "flags", "mode"),
+    "close": ("fd",),
+    "read": ("fd", "buf", "len"),
+    "exit": ("arg",),
+    "lseek": ("fd", "offset", "whence"),
+    "netwrite": (),
+    "netread": (),
+    "netstat": (),
+    "cmdsize": ("argc", "argsz", "envc", "envsz"),
+    "cmdval": ("argv", "envp"),
+    "uart": ("value",),
+    "unlink": ("name",),
+}
+
+# --------------------------------------------------------------------------------------------------
+# Field specifications (header, footer, rich events)
+# --------------------------------------------------------------------------------------------------
+
+#: msgpack types used in the tables.  ``int`` is a msgpack integer (any width, signed or unsigned).
+TYPES = ("int", "str", "bin", "bool", "map", "list", "any", "int|nil", "map|nil", "str|nil")
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: str
+    doc: str
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    doc: str
+    required: tuple[Field, ...] = ()
+    optional: tuple[Field, ...] = ()
+    reserved: bool = False  # name reserved for a later minor version; no fields defined yet
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        return self.required + self.optional
+
+
+#: Fields every rich event carries.
+COMMON_FIELDS: tuple[Field, ...] = (
+    Field("k", "str", "kind (one of the kinds below; readers skip kinds they do not know)"),
+    Field("seq", "int", "sequence number of the event: global, dense, increasing over all events of the run"),
+    Field("cpu", "int", "vCPU index"),
+    Field("t", "int", "ns since the trace start, monotonic clock (same clock as exit `t_ns`)"),
+)
+COMMON_KEYS = frozenset(f.name for f in COMMON_FIELDS)
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind(
+            "hypercall",
+            "One port-I/O hypercall, recorded after the host handled it. In seq order it follows its exit row "
+            "and the `hostio` events the host made for it.",
+            required=(
+                Field("call", "str", "hypercall name: " + ", ".join(HYPERCALL_PORTS)),
+                Field("port", "int", "I/O port the guest wrote"),
+                Field("addr", "int", "guest-physical address of the argument block"),
+                Field("block", "bin", "the argument block as the guest wrote it"),
+                Field("args", "map", "decoded block fields by ABI name, e.g. `{\"fd\": 1, \"buf\": 4198400, \"len\": 6}`"),
+                Field("ret", "any", "result (int) or nil when the call has none"),
+                Field("t_end", "int", "ns when the host finished; host latency = `t_end - t`"),
+            ),
+            optional=(
+                Field("out", "bin", "the block after the host wrote back; omitted when unchanged"),
+                Field("payload", "bin", "bytes the guest passed to the host (write data, a file name, ...)"),
+            ),
+        ),
+        Kind(
+            "hostio",
+            "One request the guest-facing code made to the host, and the answer. Replay answers every host "
+            "request from these, in order per cpu.",
+            required=(
+                Field("op", "str", "request: open, read, write, lseek, close, unlink, cmdline, boot_time, cpu_freq, net_rx, ..."),
+                Field("args", "list", "request arguments"),
+                Field("ret", "any", "the answer (usually an int)"),
+            ),
+            optional=(Field("data", "bin", "bytes the host gave the guest (read data, a received frame, ...)"),),
+        ),
+        Kind(
+            "console",
+            "Console output. Bytes may be coalesced (e.g. per line); `t` is the time of the first byte.",
+            required=(
+                Field("stream", "str", "\"uart\", \"stdout\" or \"stderr\""),
+                Field("data", "bin", "the bytes"),
+            ),
+        ),
+        Kind(
+            "mmio",
+            "The data of an MMIO access; follows its MMIO exit row.",
+            required=(
+                Field("addr", "int", "guest-physical address"),
+                Field("len", "int", "access width in bytes"),
+                Field("data", "bin", "bytes written by the guest, or returned to it"),
+                Field("write", "bool", "true for a guest write"),
+            ),
+        ),
+        Kind(
+            "vcpu",
+            "A vCPU started or stopped.",
+            required=(Field("state", "str", "\"start\" or \"stop\""),),
+            optional=(Field("reason", "str", "why it stopped"),),
+        ),
+        Kind(
+            "stop",
+            "The end of the run (normally the last event).",
+            required=(
+                Field("code", "int|nil", "guest exit code, nil when there is none"),
+                Field("reason", "str", "\"exit\", \"fault\", \"interrupted\", \"timeout\", \"error\", ..."),
+            ),
+            optional=(Field("report", "map", "stop report: message, registers, instruction bytes, ..."),),
+        ),
+        Kind("virtio", "Reserved for virtio queue activity (a later minor version defines it).", reserved=True),
+        Kind("net", "Reserved for network frames (a later minor version defines it).", reserved=True),
+    )
+}
+
+#: Kind name used for exit rows when a reader materialises them as maps; never stored as a rich event.
+EXIT_KIND = "exit"
+
+#: Header fields.  The writer adds ``format`` (and the ``writer-filled`` ones when absent); the recorder
+#: fills the rest.  Readers need only ``format``; every other field may be missing in a damaged or
+#: hand-made trace.
+HEADER_FIELDS: tuple[Field, ...] = (
+    Field("format", "list", "[major, minor] format version; written by the writer"),
+    Field("tracevisor", "str", "tracevisor version that wrote the trace (writer fills it when absent)"),
+    Field("created", "str", "wall-clock start, ISO 8601 UTC, e.g. `2025-03-01T12:00:00.123456Z` (writer fills it when absent)"),
+    Field("created_ns", "int", "the same instant as ns since the Unix epoch (writer fills it when absent)"),
+    Field("compression", "str|nil", "\"zstd\" when the writer compressed chunks, else nil (writer fills it)"),
+    Field("kernel", "map", "`{path: str, sha256: str (hex), size: int}` of the guest image"),
+    Field("memory", "int", "guest RAM in bytes"),
+    Field("cpus", "int", "number of vCPUs"),
+    Field("argv", "list", "guest argument strings (argv[0] first)"),
+    Field("env", "list", "guest environment strings \"K=V\""),
+    Field("mounts", "list", "list of maps describing host directories visible to the guest"),
+    Field("cpuid", "list", "CPUID entries given to the guest: [function, index, flags, eax, ebx, ecx, edx]"),
+    Field("host", "map", "`{uname: str, kvm_api: int, python: str}`"),
+    Field("determinism", "map", "`{notes: list of str}`: what may differ when the run is replayed"),
+    Field("options", "map", "free-form recorder options"),
+)
+
+FOOTER_FIELDS: tuple[Field, ...] = (
+    Field("events", "int", "number of events in the file (exits and rich events)"),
+    Field("exits", "int", "number of exit rows in the file"),
+    Field("chunks", "list", "one `[file_offset_of_frame, seq0, n]` per chunk frame, in file order"),
+    Field("by_reason", "map", "exit reason number (int key) -> number of exit rows"),
+    Field("stop", "map|nil", "a copy of the last `stop` event, or nil"),
+    Field("wall_ns", "int", "wall time from opening to closing the writer, ns"),
+    Field("bytes", "int", "file size before the footer frame (= the footer frame's offset)"),
+    Field("dropped", "int", "events not stored because the size limit was reached (0 normally)"),
+)
+
+CHUNK_FIELDS: tuple[Field, ...] = (
+    Field("seq0", "int", "seq of the first event of the chunk"),
+    Field("n", "int", "number of events in the chunk: seqs `seq0 .. seq0+n-1`"),
+    Field("exits", "bin", "exit rows, 27 bytes each; their seqs are the chunk's seqs not used by `events`, ascending"),
+    Field("events", "list", "rich events (maps), ascending `seq`"),
+)
+
+# --------------------------------------------------------------------------------------------------
+# Validation (used by the writer when validating, and by tests)
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_ok(value: Any, typ: str) -> bool:
+    if typ == "any":
+        return True
+    for alt in typ.split("|"):
+        if alt == "nil" and value is None:
+            return True
+        if alt == "int" and isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < (1 << 64):
+            return True
+        if alt == "str" and isinstance(value, str):
+            return True
+        if alt == "bin" and isinstance(value, (bytes, bytearray, memoryview)):
+            return True
+        if alt == "bool" and isinstance(value, bool):
+            return True
+        if alt == "map" and isinstance(value, Mapping):
+            return True
+        if alt == "list" and isinstance(value, (list, tuple)):
+            return True
+    return False
+
+
+def validate_event(ev: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the problem when ``ev`` is not a valid rich event of a known kind."""
+    kind = ev.get("k")
+    if not isinstance(kind, str):
+        raise ValueError(f"event has no kind: {ev!r:.200}")
+    if kind == EXIT_KIND:
+        raise ValueError("exits are recorded with TraceWriter.exit(), not as rich events")
+    spec = KINDS.get(kind)
+    if spec is None:
+        raise ValueError(f"unknown event kind {kind!r} (define it in tracevisor/trace/schema.py)")
+    if spec.reserved:
+        raise ValueError(f"event kind {kind!r} is reserved and has no fields defined yet")
+    for f in COMMON_FIELDS:
+        if f.name not in ev:
+            raise ValueError(f"{kind} event lacks {f.name!r}")
+        if not _type_ok(ev[f.name], f.type):
+            raise ValueError(f"{kind} event field {f.name!r} should be {f.type}, got {ev[f.name]!r:.80}")
+    for f in spec.required:
+        if f.name not in ev:
+            raise ValueError(f"{kind} event lacks required field {f.name!r}")
+    known = {f.name: f for f in spec.fields}
+    for key, value in ev.items():
+        if key in COMMON_KEYS:
+            continue
+        f = known.get(key)
+        if f is None:
+            raise ValueError(f"{kind} event has unknown field {key!r} (add it to schema.py)")
+        if not _type_ok(value, f.type):
+            raise ValueError(f"{kind} event field {key!r} should be {f.type}, got {value!r:.80}")
+
+
+def validate_exit(vcpu: int, t_ns: int, reason: int, rip: int, port: int, direction: int, size: int, value: int) -> None:
+    """Raise ``ValueError`` when an exit's fields do not fit its row."""
+    for name, v, bits in (
+        ("vcpu", vcpu, 16),
+        ("t_ns", t_ns, 64),
+        ("reason", reason, 8),
+        ("rip", rip, 64),
+        ("port", port, 16),
+        ("direction", direction, 8),
+        ("size", size, 8),
+        ("value", value, 32),
+    ):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < (1 << bits):
+            raise ValueError(f"exit field {name}={v!r} does not fit an unsigned {bits}-bit field")
+    if direction not in (DIR_IN, DIR_OUT):
+        raise ValueError(f"exit direction {direction} is neither 0 (in) nor 1 (out)")
+
+
+def validate_header(header: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` when a known header field has the wrong type (unknown keys are allowed)."""
+    if not isinstance(header, Mapping):
+        raise ValueError("trace header must be a map")
+    for f in HEADER_FIELDS:
+        if f.name in header and not _type_ok(header[f.name], f.type):
+            raise ValueError(f"header field {f.name!r} should be {f.type}, got {header[f.name]!r:.80}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Documentation tables (docs/trace-format.md embeds this output between markers; a test compares)
+# --------------------------------------------------------------------------------------------------
+
+DOC_BEGIN = "<!-- generated from tracevisor/trace/schema.py: begin -->"
+DOC_END = "<!-- generated from tracevisor/trace/schema.py: end -->"
+
+
+def _table(fields: tuple[Field, ...], required: bool | None = None) -> list[str]:
+    rows = ["| field | type | meaning |", "|---|---|---|"] if required is None else [
+        "| field | type | required | meaning |",
+        "|---|---|---|---|",
+    ]
+    for f in fields:
+        typ = f.type.replace("|", " or ")  # a bare "|" would split the markdown cell
+        if required is None:
+            rows.append(f"| `{f.name}` | {typ} | {f.doc} |")
+        else:
+            rows.append(f"| `{f.name}` | {typ} | {'yes' if required else 'no'} | {f.doc} |")
+    return rows
+
+
+def markdown_tables() -> str:
+    """The reference tables of docs/trace-format.md, generated from the definitions above."""
+    out: list[str] = [DOC_BEGIN, "", "### Header fields", ""]
+    out += _table(HEADER_FIELDS)
+    out += ["", "### Chunk payload", ""]
+    out += _table(CHUNK_FIELDS)
+    out += ["", "### Exit row (27 bytes, little-endian, `<QQIHHBBB`)", "", "| offset | field | type |", "|---|---|---|"]
+    for name, np_type in EXIT_DTYPE_FIELDS:
+        off, width = EXIT_FIELD_LAYOUT[name]
+        out.append(f"| {off} | `{name}` | u{width * 8} |")
+    out += ["", "### Exit reasons", "", "| reason | name |", "|---|---|"]
+    out += [f"| {num} | {name} |" for num, name in sorted(EXIT_REASONS.items())]
+    out += ["", "### Fields common to every rich event", ""]
+    out += _table(COMMON_FIELDS)
+    for kind in KINDS.values():
+        out += ["", f"### Event kind `{kind.name}`", "", kind.doc, ""]
+        if kind.reserved:
+            out.append("No fields are defined yet; readers of 1.0 skip it.")
+            continue
+        out += _table(kind.required, True)[:]
+        out += _table(kind.optional, False)[2:]
+    out += ["", "### Hypercall `args` keys", "", "| call | port | `args` keys |", "|---|---|---|"]
+    for name, port in HYPERCALL_PORTS.items():
+        keys = ", ".join(f"`{k}`" for k in HYPERCALL_ARGS[name]) or "(none)"
+        out.append(f"| {name} | 0x{port:x} | {keys} |")
+    out += ["", "### Footer fields", ""]
+    out += _table(FOOTER_FIELDS)
+    out += ["", DOC_END]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - documentation helper
+    print(markdown_tables(), end="")

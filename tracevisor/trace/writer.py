@@ -1,0 +1,488 @@
+"""TraceWriter: records a run into a ``.tvt`` file (format: docs/trace-format.md).
+
+Design, because the writer sits on the run loop's hot path:
+
+* :meth:`TraceWriter.exit` packs one fixed 27-byte row into a preallocated ``bytearray`` with a bound
+  ``struct.Struct.pack_into`` and bumps two integers: no allocation, no encoding, no I/O.
+* Rich events (:meth:`TraceWriter.event`) are kept as Python dicts; they are rare compared to exits.
+* When a chunk is full, the caller's thread only copies the row buffer and hands (rows, events) to a
+  background thread, which msgpack-encodes, optionally compresses, CRCs and ``os.write``s the frame.  The run
+  loop spends most of its time in the ``KVM_RUN`` ioctl with the GIL released, so encoding and I/O overlap
+  the guest's execution.
+* Every frame is written with one ``write`` call and the header frame is written at open, so a recorder
+  killed at any moment leaves a file readable up to its last complete chunk.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import queue
+import threading
+import time
+import weakref
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any
+
+import msgpack
+
+from tracevisor.errors import TraceError, TracevisorError
+
+from . import schema
+from .frames import frame_header, zstd
+from .schema import (
+    EXIT_ROW,
+    EXIT_ROW_SIZE,
+    FLAG_ZSTD,
+    FORMAT_VERSION,
+    FRAME_CHUNK_TYPE,
+    FRAME_FOOTER_TYPE,
+    FRAME_HEADER_TYPE,
+    MAGIC,
+    TRAILER,
+    TRAILER_MAGIC,
+)
+
+_ROW = EXIT_ROW_SIZE
+_BIN_TYPES = (bytearray, memoryview)
+_QUEUE_DEPTH = 64  # chunks waiting for the background thread before exit()/event() block (bounds memory)
+_EVENT_OVERHEAD = 32  # estimated encoded bytes of a rich event besides its fields
+_FIELD_OVERHEAD = 12  # estimated encoded bytes of a non-binary field
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Write ``parts`` with as few syscalls as possible (one, normally)."""
+    total = sum(len(p) for p in parts)
+    done = os.writev(fd, parts)
+    if done == total:
+        return
+    rest = memoryview(b"".join(parts))[done:]
+    while rest:
+        n = os.write(fd, rest)
+        rest = rest[n:]
+
+
+def _close_at_exit(ref: "weakref.ref[TraceWriter]") -> None:
+    writer = ref()
+    if writer is not None:
+        try:
+            writer.close()
+        except TracevisorError:
+            pass
+
+
+def _utc_iso(ns: int) -> str:
+    dt = datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+
+class TraceWriter:
+    """Writes one trace file.  Use as a context manager or call :meth:`close`.
+
+    ``header`` is the recorder's header map (docs/trace-format.md lists the fields); the writer adds
+    ``format`` and fills ``tracevisor``, ``created``, ``created_ns`` and ``compression``.  ``compress`` is
+    None or ``"zstd"``.  A chunk is cut after ``chunk_events`` events, or when its exit rows plus the
+    estimated size of its rich events reach ``chunk_bytes``.  ``max_bytes`` bounds the header and chunk
+    frames: once the next chunk would pass it, :attr:`full` becomes True and later events are dropped (except
+    ``stop`` events, which are always stored).  ``threadsafe=True`` serialises :meth:`exit`/:meth:`event`
+    with a lock (several vCPU threads).  ``validate`` checks every event against :mod:`schema` (slow; for
+    tests and debugging; defaults to the environment variable ``TRACEVISOR_VALIDATE=1``).
+
+    Field values handed to :meth:`event` are encoded later by the background thread: ``bytearray`` and
+    ``memoryview`` values are copied at once, other mutable values (dicts, lists) must not be changed
+    afterwards.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        header: dict,
+        *,
+        compress: str | None = None,
+        chunk_events: int = 4096,
+        chunk_bytes: int = 64 * 1024,
+        max_bytes: int | None = None,
+        threadsafe: bool = False,
+        validate: bool | None = None,
+    ) -> None:
+        if compress not in (None, "zstd"):
+            raise TracevisorError(f"unknown trace compression {compress!r} (use zstd or none)")
+        if chunk_events < 1 or chunk_bytes < _ROW:
+            raise TracevisorError(f"trace chunks need chunk_events >= 1 and chunk_bytes >= {_ROW}")
+        if validate is None:
+            validate = os.environ.get("TRACEVISOR_VALIDATE") == "1"
+        self.path = os.fspath(path)
+        self._cctx = zstd().ZstdCompressor(level=3, write_content_size=True) if compress == "zstd" else None
+        self.compress = compress
+        self.chunk_events = chunk_events
+        self.chunk_bytes = chunk_bytes
+        self.max_bytes = max_bytes
+        self._validate = validate
+
+        hdr = {"format": list(FORMAT_VERSION)}
+        hdr.update(header)
+        hdr["format"] = list(FORMAT_VERSION)
+        created_ns = time.time_ns()
+        if "tracevisor" not in hdr:
+            from tracevisor import __version__
+
+            hdr["tracevisor"] = __version__
+        hdr.setdefault("created_ns", created_ns)
+        hdr.setdefault("created", _utc_iso(hdr["created_ns"] if isinstance(hdr["created_ns"], int) else created_ns))
+        hdr["compression"] = compress
+        if validate:
+            try:
+                schema.validate_header(hdr)
+            except ValueError as e:
+                raise TracevisorError(f"invalid trace header: {e}") from None
+        try:
+            hdr_payload = msgpack.packb(hdr, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise TracevisorError(f"trace header cannot be encoded: {e}") from None
+        self.header = hdr
+
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise TraceError(f"cannot create trace {self.path}: {e.strerror}") from None
+        try:
+            _write_all(self._fd, [MAGIC, frame_header(FRAME_HEADER_TYPE, 0, hdr_payload), hdr_payload])
+        except OSError as e:
+            os.close(self._fd)
+            raise TraceError(f"cannot write trace {self.path}: {e.strerror}") from None
+        self.t0_ns = time.monotonic_ns()
+
+        # --- caller-side state (hot path) -------------------------------------------------------------
+        self._limit_rows = min(chunk_events, -(-chunk_bytes // _ROW))
+        self._buf = bytearray((self._limit_rows + 1) * _ROW)
+        self._mv = memoryview(self._buf)
+        self._pack_into = EXIT_ROW.pack_into
+        self._off = 0  # byte offset of the next exit row
+        self._seq = 0  # next seq
+        self._seq0 = 0  # seq of the chunk being filled
+        self._events: list[dict] = []
+        self._ev_bytes = 0  # estimated encoded size of self._events
+        self._lim = self._full_limit()  # flush once self._off reaches this
+        self._n_exits = 0  # exits handed to the background thread (incl. dropped ones)
+        self._dropped_caller = 0
+        self._last_stop: dict | None = None
+        self._closed = False
+        self._summary: dict | None = None
+
+        # --- background writer state ------------------------------------------------------------------
+        self._full = False
+        self._error: BaseException | None = None
+        self._file_off = len(MAGIC) + schema.FRAME_HEADER_SIZE + len(hdr_payload)
+        self._w_next_seq = 0  # seq0 of the next chunk written to the file
+        self._w_events = 0
+        self._w_exits = 0
+        self._w_dropped = 0
+        self._w_by_reason: dict[int, int] = {}
+        self._w_chunks: list[list[int]] = []
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._thread = threading.Thread(target=self._background, name="tracevisor-trace-writer", daemon=True)
+        self._thread.start()
+        # A writer that is never closed still gets its footer at normal interpreter exit.
+        self._atexit = functools.partial(_close_at_exit, weakref.ref(self))
+        atexit.register(self._atexit)
+
+        # --- method selection (no per-call flag tests) --------------------------------------------------
+        self._lock = threading.Lock() if threadsafe else None
+        if validate:
+            self.exit = self._exit_validated
+            self.event = self._event_validated
+        elif threadsafe:
+            self.exit = self._exit_locked
+            self.event = self._event_locked
+
+    # ------------------------------------------------------------------------------------------------
+    # hot path
+    # ------------------------------------------------------------------------------------------------
+
+    def exit(self, vcpu: int, t_ns: int, reason: int, rip: int, port: int = 0, direction: int = 0,
+             size: int = 0, value: int = 0) -> int:
+        """Record one VM exit; returns its seq.  ``t_ns`` is ns since :attr:`t0_ns` (see :meth:`now`)."""
+        off = self._off
+        self._pack_into(self._buf, off, t_ns, rip, value, port, vcpu, reason, direction, size)
+        seq = self._seq
+        self._seq = seq + 1
+        off += _ROW
+        self._off = off
+        if off >= self._lim:
+            self._flush()
+        return seq
+
+    def event(self, kind: str, vcpu: int, t_ns: int, **fields: Any) -> int:
+        """Record one rich event of ``kind`` (see schema.KINDS) with its fields; returns its seq."""
+        seq = self._seq
+        if self._full and kind != "stop":
+            self._seq = seq + 1
+            self._dropped_caller += 1
+            return seq
+        ev = {"k": kind, "seq": seq, "cpu": vcpu, "t": t_ns}
+        ev.update(fields)
+        if len(ev) != 4 + len(fields):
+            raise ValueError(f"{kind} event fields must not be named k, seq, cpu or t")
+        est = _EVENT_OVERHEAD
+        for key, v in fields.items():
+            tv = type(v)
+            if tv is bytes:
+                est += len(v) + 8
+            elif tv in _BIN_TYPES:
+                v = ev[key] = bytes(v)
+                est += len(v) + 8
+            else:
+                est += _FIELD_OVERHEAD
+        events = self._events
+        events.append(ev)
+        self._seq = seq + 1
+        if kind == "stop":
+            self._last_stop = ev
+        eb = self._ev_bytes + est
+        self._ev_bytes = eb
+        lim = min((self.chunk_events - len(events)) * _ROW, self.chunk_bytes - eb, self._limit_rows * _ROW)
+        self._lim = lim
+        if self._off >= lim:
+            self._flush()
+        return seq
+
+    def now(self) -> int:
+        """ns since the trace start (the clock of ``t_ns``)."""
+        return time.monotonic_ns() - self.t0_ns
+
+    # variants chosen at init -------------------------------------------------------------------------
+
+    def _exit_locked(self, vcpu, t_ns, reason, rip, port=0, direction=0, size=0, value=0):
+        with self._lock:
+            off = self._off
+            self._pack_into(self._buf, off, t_ns, rip, value, port, vcpu, reason, direction, size)
+            seq = self._seq
+            self._seq = seq + 1
+            off += _ROW
+            self._off = off
+            if off >= self._lim:
+                self._flush()
+            return seq
+
+    def _event_locked(self, kind, vcpu, t_ns, **fields):
+        with self._lock:
+            return TraceWriter.event(self, kind, vcpu, t_ns, **fields)
+
+    def _exit_validated(self, vcpu, t_ns, reason, rip, port=0, direction=0, size=0, value=0):
+        schema.validate_exit(vcpu, t_ns, reason, rip, port, direction, size, value)
+        if self._lock is not None:
+            return self._exit_locked(vcpu, t_ns, reason, rip, port, direction, size, value)
+        return TraceWriter.exit(self, vcpu, t_ns, reason, rip, port, direction, size, value)
+
+    def _event_validated(self, kind, vcpu, t_ns, **fields):
+        ev = {"k": kind, "seq": 0, "cpu": vcpu, "t": t_ns}
+        ev.update(fields)
+        if len(ev) != 4 + len(fields):
+            raise ValueError(f"{kind} event fields must not be named k, seq, cpu or t")
+        schema.validate_event(ev)
+        try:
+            msgpack.packb(ev, use_bin_type=True)  # fail here, in the caller, not in the background thread
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"{kind} event cannot be encoded: {e}") from None
+        if self._lock is not None:
+            return self._event_locked(kind, vcpu, t_ns, **fields)
+        return TraceWriter.event(self, kind, vcpu, t_ns, **fields)
+
+    # ------------------------------------------------------------------------------------------------
+    # chunk hand-off
+    # ------------------------------------------------------------------------------------------------
+
+    def _full_limit(self) -> int:
+        return min(self.chunk_events * _ROW, self.chunk_bytes, self._limit_rows * _ROW)
+
+    def _flush(self) -> None:
+        """Hand the chunk being filled to the background thread and start a new one."""
+        seq0 = self._seq0
+        n = self._seq - seq0
+        off = self._off
+        events = self._events
+        self._off = 0
+        self._seq0 = self._seq
+        self._events = []
+        self._ev_bytes = 0
+        self._lim = self._full_limit()
+        if self._error is not None:
+            self._raise_error()
+        if n == 0:
+            return
+        self._n_exits += off // _ROW
+        if self._full:
+            # Everything is dropped except stop events (the background thread renumbers those).
+            stops = [ev for ev in events if ev["k"] == "stop"]
+            self._dropped_caller += n - len(stops)
+            if stops:
+                self._queue.put((None, len(stops), b"", stops))
+            return
+        self._queue.put((seq0, n, bytes(self._mv[:off]), events))
+
+    def _raise_error(self) -> None:
+        e = self._error
+        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise TraceError(f"cannot write trace {self.path}: {msg}")
+
+    # ------------------------------------------------------------------------------------------------
+    # background thread
+    # ------------------------------------------------------------------------------------------------
+
+    def _background(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # keep draining so producers never block on a dead writer
+            try:
+                self._write_chunk(*item)
+            except BaseException as e:  # reported to the caller at its next flush or at close()
+                self._error = e
+
+    def _encode(self, seq0: int, n: int, exits: bytes, events: list) -> tuple[int, bytes]:
+        payload = self._packer.pack({"seq0": seq0, "n": n, "exits": exits, "events": events})
+        flags = 0
+        if self._cctx is not None:
+            packed = self._cctx.compress(payload)
+            if len(packed) < len(payload):
+                payload, flags = packed, FLAG_ZSTD
+        return flags, payload
+
+    def _write_chunk(self, seq0: int | None, n: int, exits: bytes, events: list) -> None:
+        if seq0 is not None and not self._full:
+            flags, payload = self._encode(seq0, n, exits, events)
+            size = schema.FRAME_HEADER_SIZE + len(payload)
+            if self.max_bytes is None or self._file_off + size <= self.max_bytes:
+                self._store(seq0, n, flags, payload, exits)
+                return
+            self._full = True
+        # Full: keep only stop events, renumbered to follow the last stored event.
+        stops = [ev for ev in events if ev["k"] == "stop"]
+        self._w_dropped += n - len(stops)
+        if not stops:
+            return
+        seq0 = self._w_next_seq
+        for i, ev in enumerate(stops):
+            ev["seq"] = seq0 + i
+        flags, payload = self._encode(seq0, len(stops), b"", stops)
+        self._store(seq0, len(stops), flags, payload, b"")
+
+    def _store(self, seq0: int, n: int, flags: int, payload: bytes, exits: bytes) -> None:
+        _write_all(self._fd, [frame_header(FRAME_CHUNK_TYPE, flags, payload), payload])
+        self._w_chunks.append([self._file_off, seq0, n])
+        self._file_off += schema.FRAME_HEADER_SIZE + len(payload)
+        n_exits = len(exits) // _ROW
+        self._w_events += n
+        self._w_exits += n_exits
+        self._w_next_seq = seq0 + n
+        if n_exits:
+            by = self._w_by_reason
+            for reason, count in Counter(exits[24::_ROW]).items():
+                by[reason] = by.get(reason, 0) + count
+
+    # ------------------------------------------------------------------------------------------------
+    # state and closing
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        """True once ``max_bytes`` was reached; the caller should stop the run (close() still works)."""
+        return self._full
+
+    @property
+    def stats(self) -> dict:
+        """Counters so far.  ``events``/``exits`` count what was recorded (including events still buffered and
+        ones later dropped); ``by_reason``, ``bytes`` and ``chunks`` count what is already in the file."""
+        return {
+            "events": self._seq,
+            "exits": self._n_exits + self._off // _ROW,
+            "by_reason": dict(self._w_by_reason),
+            "bytes": self._file_off,
+            "chunks": len(self._w_chunks),
+            "dropped": self._dropped_caller + self._w_dropped,
+        }
+
+    def close(self, stop: dict | None = None) -> dict:
+        """Record ``stop`` (the fields of a ``stop`` event: code, reason, report; optional cpu, t) if given,
+        flush, write the footer and the trailer, close the file.  Returns the footer's totals plus
+        ``dropped`` and the final file size in ``bytes``.  Idempotent."""
+        if self._closed:
+            return dict(self._summary or {})
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            if self._closed:
+                return dict(self._summary or {})
+            self._closed = True
+            atexit.unregister(self._atexit)
+            try:
+                if stop is not None:
+                    fields = dict(stop)
+                    cpu = fields.pop("cpu", 0)
+                    t = fields.pop("t", None)
+                    fields.pop("k", None)
+                    fields.pop("seq", None)
+                    if self._validate:
+                        schema.validate_event({"k": "stop", "seq": 0, "cpu": cpu, "t": t or 0, **fields})
+                    TraceWriter.event(self, "stop", cpu, self.now() if t is None else t, **fields)
+                self._flush_final()
+                return self._write_footer()
+            finally:
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _flush_final(self) -> None:
+        try:
+            if self._error is None:
+                self._flush()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            self._raise_error()
+
+    def _write_footer(self) -> dict:
+        footer = {
+            "events": self._w_events,
+            "exits": self._w_exits,
+            "chunks": self._w_chunks,
+            "by_reason": dict(sorted(self._w_by_reason.items())),
+            "stop": self._last_stop,
+            "wall_ns": time.monotonic_ns() - self.t0_ns,
+            "bytes": self._file_off,
+            "dropped": self._dropped_caller + self._w_dropped,
+        }
+        payload = msgpack.packb(footer, use_bin_type=True)
+        offset = self._file_off
+        try:
+            _write_all(
+                self._fd,
+                [frame_header(FRAME_FOOTER_TYPE, 0, payload), payload, TRAILER.pack(offset, TRAILER_MAGIC)],
+            )
+        except OSError as e:
+            raise TraceError(f"cannot write trace {self.path}: {e.strerror}") from None
+        self._file_off = offset + schema.FRAME_HEADER_SIZE + len(payload) + schema.TRAILER_SIZE
+        summary = {k: v for k, v in footer.items() if k not in ("chunks",)}
+        summary["chunks"] = len(self._w_chunks)
+        summary["bytes"] = self._file_off
+        self._summary = summary
+        return dict(summary)
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
