@@ -82,21 +82,25 @@ class Console:
         self._lock = threading.Lock()
 
     def write(self, stream: str, data: bytes) -> None:
+        # Hot path (a UART byte per exit): append under the GIL, take the lock only to flush.
         if self.quiet:
             return
-        with self._lock:
-            if stream == "stderr":
+        if stream == "stderr":
+            with self._lock:
                 self._flush_locked()
                 _write_all(self.err_fd, data)
-                return
-            self._buf += data
-            if b"\n" in data or len(self._buf) >= 8192:
-                self._flush_locked()
+            return
+        buf = self._buf
+        buf += data
+        if 10 in data or len(buf) >= 8192:
+            self.flush()
 
     def _flush_locked(self) -> None:
-        if self._buf:
-            _write_all(self.out_fd, bytes(self._buf))
-            self._buf.clear()
+        buf = self._buf
+        if buf:
+            data = bytes(buf)
+            del buf[:len(data)]  # bytes appended meanwhile by another vCPU stay queued
+            _write_all(self.out_fd, data)
 
     def flush(self) -> None:
         with self._lock:
@@ -234,7 +238,7 @@ class LiveHostIO(HostIO):
         return (self.tsc_khz // 1000) * 1000  # whole MHz, as uhyve rounds
 
     def console(self, cpu, stream, data):
-        self.console_out.write("stdout" if stream == "uart" else stream, data)
+        self.console_out.write(stream, data)  # "uart" shares stdout with fd 1, as under uhyve
 
     def flush(self):
         self.console_out.flush()

@@ -107,7 +107,7 @@ def load_kernel(path: str | os.PathLike, memory_size: int) -> KernelImage:
         raise LoaderError(f"cannot read kernel {path}: {e.strerror}") from None
     if raw[:4] != b"\x7fELF":
         raise LoaderError(f"{path} is not an ELF file (no ELF magic)")
-    if len(raw) < 64:
+    if len(raw) < 20:
         raise LoaderError(f"{path} is a truncated ELF file ({len(raw)} bytes)")
     if raw[4] == 1:
         raise LoaderError(f"{path} is a 32-bit ELF (ELFCLASS32); tracevisor boots 64-bit x86-64 kernels only")
@@ -119,6 +119,8 @@ def load_kernel(path: str | os.PathLike, memory_size: int) -> KernelImage:
     if machine != EM_X86_64:
         name = _MACHINES.get(machine, f"machine {machine}")
         raise LoaderError(f"{path} is built for {name}, not x86-64")
+    if len(raw) < 64:
+        raise LoaderError(f"{path} is a truncated ELF file ({len(raw)} bytes)")
     try:
         return _parse(path, raw, memory_size)
     except LoaderError:

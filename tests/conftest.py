@@ -1,0 +1,45 @@
+"""Shared fixtures: KVM availability policy and the example guests built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_KVM = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+REQUIRE_KVM = os.environ.get("TRACEVISOR_REQUIRE_KVM") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _kvm_policy(request):
+    """Tests marked ``kvm`` skip without /dev/kvm — and fail instead when TRACEVISOR_REQUIRE_KVM=1."""
+    if request.node.get_closest_marker("kvm") and not HAVE_KVM:
+        if REQUIRE_KVM:
+            pytest.fail("TRACEVISOR_REQUIRE_KVM=1 but /dev/kvm is missing or not accessible")
+        pytest.skip("/dev/kvm not available")
+
+
+@pytest.fixture(scope="session")
+def guests(tmp_path_factory) -> dict[str, Path]:
+    """Every example guest, freshly built with gcc into a temporary directory."""
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is needed to build the example guests")
+    from tracevisor import guestbuild
+
+    out = tmp_path_factory.mktemp("guests")
+    return guestbuild.build(outdir=out)
+
+
+def run_cli(*args: str, cwd=None, env=None, timeout=120, input=None) -> subprocess.CompletedProcess:
+    """Run `python -m tracevisor ARGS…` and capture bytes output."""
+    full_env = dict(os.environ)
+    full_env.pop("TRACEVISOR_KVM_DEVICE", None)
+    if env:
+        full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "tracevisor", *args], cwd=cwd, env=full_env,
+                          capture_output=True, timeout=timeout, input=input)

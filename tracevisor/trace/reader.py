@@ -1,0 +1,571 @@
+"""TraceReader: reads ``.tvt`` files lazily, one chunk at a time, and survives damage.
+
+Only a bad magic, an unsupported version or an unreadable header raise (:class:`TraceError`).  Damage after
+the header — a torn tail left by a killed recorder, a chunk whose CRC does not match, a malformed payload —
+becomes a one-line entry in :attr:`TraceReader.warnings` and the reader carries on with what it can read.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from array import array
+from bisect import bisect_right
+from typing import Any, Iterable, Iterator
+
+import msgpack
+
+from tracevisor.errors import TraceError
+
+from .frames import decompress, zstd_available
+from .schema import (
+    EXIT_FIELD_LAYOUT,
+    EXIT_KIND,
+    EXIT_ROW,
+    EXIT_ROW_SIZE,
+    FRAME_CHUNK_TYPE,
+    FRAME_FOOTER_TYPE,
+    FRAME_HEADER,
+    FRAME_HEADER_SIZE,
+    FRAME_HEADER_TYPE,
+    KNOWN_FLAGS,
+    MAGIC,
+    READS_MAJOR,
+    TRAILER,
+    TRAILER_MAGIC,
+    TRAILER_SIZE,
+)
+
+_ROW = EXIT_ROW_SIZE
+_iter_unpack = EXIT_ROW.iter_unpack
+_TYPECODES = {array(c).itemsize: c for c in "QLIHB"[::-1]}  # width -> typecode (smallest name wins)
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+class _Damaged(Exception):
+    """A chunk cannot be used; the message completes 'chunk i at offset X ...'."""
+
+
+class ChunkRef:
+    """An entry of :attr:`TraceReader.chunk_index`: where a chunk frame is and, once known, its seq range."""
+
+    __slots__ = ("index", "offset", "seq0", "n")
+
+    def __init__(self, index: int, offset: int, seq0: int | None = None, n: int | None = None) -> None:
+        self.index = index
+        self.offset = offset
+        self.seq0 = seq0
+        self.n = n
+
+    def __repr__(self) -> str:
+        return f"ChunkRef(index={self.index}, offset={self.offset}, seq0={self.seq0}, n={self.n})"
+
+
+class Chunk:
+    """One decoded chunk: events ``seq0 .. seq0+n-1``; exit rows in :attr:`exits`, rich events in
+    :attr:`events` (dicts, ascending seq).  The exits' seqs are the chunk's seqs not used by a rich event."""
+
+    __slots__ = ("index", "offset", "seq0", "n", "exits", "events")
+
+    def __init__(self, index: int, offset: int, seq0: int, n: int, exits: bytes, events: list[dict]) -> None:
+        self.index = index
+        self.offset = offset
+        self.seq0 = seq0
+        self.n = n
+        self.exits = exits
+        self.events = events
+
+    def __repr__(self) -> str:
+        return f"Chunk(index={self.index}, seq0={self.seq0}, n={self.n}, exits={self.n_exits}, events={len(self.events)})"
+
+    @property
+    def n_exits(self) -> int:
+        return len(self.exits) // _ROW
+
+    def exit_seqs(self) -> array:
+        """Seqs of the exit rows, in row order (``array('Q')``)."""
+        out = array("Q")
+        s = self.seq0
+        for ev in self.events:
+            es = ev["seq"]
+            if es > s:
+                out.extend(range(s, es))
+            s = es + 1
+        end = self.seq0 + self.n
+        if end > s:
+            out.extend(range(s, end))
+        return out
+
+    def exit_rows(self) -> Iterator[tuple[int, ...]]:
+        """Exit rows as tuples ``(t_ns, rip, value, port, vcpu, reason, dir, size)`` (schema.EXIT_FIELDS)."""
+        return _iter_unpack(self.exits)
+
+    def exit_columns(self) -> dict[str, array]:
+        """Exit rows as columns: ``{field: array.array}`` for every field of schema.EXIT_FIELDS.
+
+        Built with strided byte slicing, no per-row Python work.  (With numpy, prefer
+        ``numpy.frombuffer(chunk.exits, dtype=schema.EXIT_DTYPE_FIELDS)``.)"""
+        ex = self.exits
+        m = len(ex) // _ROW
+        cols: dict[str, array] = {}
+        for name, (off, width) in EXIT_FIELD_LAYOUT.items():
+            if width == 1:
+                raw: bytes | bytearray = ex[off::_ROW]
+            else:
+                raw = bytearray(m * width)
+                for j in range(width):
+                    raw[j::width] = ex[off + j :: _ROW]
+            col = array(_TYPECODES[width])
+            col.frombytes(raw)
+            if _BIG_ENDIAN and width > 1:
+                col.byteswap()
+            cols[name] = col
+        return cols
+
+    def iter_events(
+        self,
+        kinds: frozenset[str] | set[str] | None = None,
+        vcpu: int | None = None,
+        start: int | None = None,
+        stop: int | None = None,
+    ) -> Iterator[dict]:
+        """Events of this chunk in seq order, exits as ``{"k": "exit", ...}`` maps (see TraceReader.events)."""
+        want_exits = kinds is None or EXIT_KIND in kinds
+        lo = self.seq0 if start is None else max(start, self.seq0)
+        hi = self.seq0 + self.n if stop is None else min(stop, self.seq0 + self.n)
+        if lo >= hi:
+            return
+        mv = memoryview(self.exits)
+        s = self.seq0  # next seq not yet accounted for
+        row = 0  # row index of seq s if s is an exit
+        for ev in self.events:
+            es = ev["seq"]
+            if es > s:
+                if want_exits:
+                    yield from _exit_dicts(mv, row, s, es, lo, hi, vcpu)
+                row += es - s
+            s = es + 1
+            if es >= hi:
+                return
+            if es >= lo and (kinds is None or ev["k"] in kinds) and (vcpu is None or ev.get("cpu") == vcpu):
+                yield ev
+        end = self.seq0 + self.n
+        if want_exits and end > s:
+            yield from _exit_dicts(mv, row, s, end, lo, hi, vcpu)
+
+
+def _exit_dicts(mv: memoryview, row: int, s: int, e: int, lo: int, hi: int, vcpu: int | None) -> Iterator[dict]:
+    """Exit maps for the exit seqs [s, e) whose first row is ``row``, clipped to [lo, hi)."""
+    if s < lo:
+        row += lo - s
+        s = lo
+    if e > hi:
+        e = hi
+    if s >= e:
+        return
+    rows = _iter_unpack(mv[row * _ROW : (row + e - s) * _ROW])
+    if vcpu is None:
+        for seq, (t, rip, value, port, cpu, reason, d, size) in zip(range(s, e), rows):
+            yield {"k": "exit", "seq": seq, "cpu": cpu, "t": t, "reason": reason, "rip": rip, "port": port,
+                   "dir": d, "size": size, "value": value}
+    else:
+        for seq, (t, rip, value, port, cpu, reason, d, size) in zip(range(s, e), rows):
+            if cpu == vcpu:
+                yield {"k": "exit", "seq": seq, "cpu": cpu, "t": t, "reason": reason, "rip": rip, "port": port,
+                       "dir": d, "size": size, "value": value}
+
+
+class TraceReader:
+    """An open trace.  See :func:`open_trace`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._file = open(self.path, "rb")
+            self.size = os.fstat(self._file.fileno()).st_size
+        except OSError as e:
+            raise TraceError(f"cannot open trace {self.path}: {e.strerror or e}") from None
+        self._fd = self._file.fileno()
+        self.warnings: list[str] = []
+        self.header: dict = {}
+        self.footer: dict | None = None
+        self.complete = False
+        self.chunk_index: list[ChunkRef] = []
+        self._warned: set[int] = set()
+        self._data_end = self.size  # chunk frames lie before this offset
+        try:
+            self._open()
+        except BaseException:
+            self._file.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------------
+    # opening
+    # ------------------------------------------------------------------------------------------------
+
+    def _read(self, n: int, offset: int) -> bytes:
+        return os.pread(self._fd, n, offset)
+
+    def _open(self) -> None:
+        path = self.path
+        magic = self._read(len(MAGIC), 0)
+        if magic != MAGIC:
+            if not magic:
+                raise TraceError(f"{path} is not a tracevisor trace (empty file)")
+            if MAGIC.startswith(magic):
+                raise TraceError(f"{path} is not a tracevisor trace (only {len(magic)} bytes)")
+            raise TraceError(f"{path} is not a tracevisor trace")
+        self.header, data_start = self._read_header()
+        self._data_start = data_start
+        if not self._read_footer(data_start):
+            self._scan(data_start)
+        dropped = self.footer.get("dropped") if self.footer else None
+        if _is_count(dropped) and dropped:
+            self.warnings.append(f"the recorder reached its size limit: {dropped} events were not stored")
+
+    def _read_header(self) -> tuple[dict, int]:
+        path = self.path
+        pos = len(MAGIC)
+        raw = self._read(FRAME_HEADER_SIZE, pos)
+        if len(raw) < FRAME_HEADER_SIZE:
+            raise TraceError(f"{path}: trace header is truncated (the recorder stopped before writing it)")
+        ftype, flags, _reserved, length, crc = FRAME_HEADER.unpack(raw)
+        if ftype != FRAME_HEADER_TYPE:
+            raise TraceError(f"{path}: trace header is corrupt (the first frame is not a header)")
+        if pos + FRAME_HEADER_SIZE + length > self.size:
+            raise TraceError(f"{path}: trace header is truncated (the recorder stopped before writing it)")
+        payload = self._read(length, pos + FRAME_HEADER_SIZE)
+        if zlib.crc32(payload) != crc:
+            raise TraceError(f"{path}: trace header is corrupt (CRC mismatch)")
+        try:
+            header = _unpack(decompress(payload, flags))
+        except TraceError:
+            raise
+        except Exception:
+            header = None
+        if not isinstance(header, dict):
+            raise TraceError(f"{path}: trace header is corrupt (not a msgpack map)")
+        fmt = header.get("format")
+        if not (
+            isinstance(fmt, list)
+            and len(fmt) >= 2
+            and all(type(x) is int and x >= 0 for x in fmt[:2])
+        ):
+            raise TraceError(f"{path}: trace header is corrupt (no format version)")
+        major, minor = fmt[0], fmt[1]
+        if major > READS_MAJOR:
+            raise TraceError(
+                f"trace format version {major}.{minor} is newer than this tracevisor "
+                f"(reads {READS_MAJOR}.x); upgrade tracevisor"
+            )
+        if major < READS_MAJOR:
+            raise TraceError(f"trace format version {major}.{minor} is not readable by this tracevisor (reads {READS_MAJOR}.x)")
+        if header.get("compression") == "zstd" and not zstd_available():
+            raise TraceError(f"{path} is zstd-compressed; install zstandard: pip install 'tracevisor[zstd]'")
+        return header, pos + FRAME_HEADER_SIZE + length
+
+    def _read_footer(self, data_start: int) -> bool:
+        """Fast path: find the footer through the trailer.  False when there is none (or it is unusable)."""
+        size = self.size
+        if size < data_start + FRAME_HEADER_SIZE + TRAILER_SIZE:
+            return False
+        offset, tmagic = TRAILER.unpack(self._read(TRAILER_SIZE, size - TRAILER_SIZE))
+        if tmagic != TRAILER_MAGIC:
+            return False
+        footer = None
+        if data_start <= offset <= size - TRAILER_SIZE - FRAME_HEADER_SIZE:
+            ftype, flags, reserved, length, crc = FRAME_HEADER.unpack(self._read(FRAME_HEADER_SIZE, offset))
+            if ftype == FRAME_FOOTER_TYPE and reserved == 0 and offset + FRAME_HEADER_SIZE + length == size - TRAILER_SIZE:
+                payload = self._read(length, offset + FRAME_HEADER_SIZE)
+                if zlib.crc32(payload) == crc:
+                    try:
+                        footer = _unpack(decompress(payload, flags))
+                    except Exception:
+                        footer = None
+        if not isinstance(footer, dict):
+            self.warnings.append(f"the footer is unreadable (offset {offset}): scanned the chunks instead")
+            return False
+        refs = self._refs_from_footer(footer, data_start, offset)
+        self.footer = footer
+        self.complete = True
+        self._data_end = offset
+        if refs is None:
+            self.warnings.append("the footer's chunk list is damaged: scanned the chunks instead")
+            self._scan(data_start, footer_known=True)
+            return True
+        self.chunk_index = refs
+        return True
+
+    @staticmethod
+    def _refs_from_footer(footer: dict, lo: int, hi: int) -> list[ChunkRef] | None:
+        chunks = footer.get("chunks")
+        if not isinstance(chunks, list):
+            return None
+        refs = []
+        prev = lo - 1
+        for i, entry in enumerate(chunks):
+            if not (isinstance(entry, list) and len(entry) >= 3 and all(_is_count(x) for x in entry[:3])):
+                return None
+            off, seq0, n = entry[:3]
+            if not prev < off <= hi - FRAME_HEADER_SIZE:
+                return None
+            prev = off
+            refs.append(ChunkRef(i, off, seq0, n))
+        return refs
+
+    def _scan(self, pos: int, footer_known: bool = False) -> None:
+        """Slow path: walk the frame headers (payloads are not read) to index the chunks."""
+        size = self._data_end
+        refs: list[ChunkRef] = []
+        problem = None
+        while True:
+            if pos == size:
+                if not footer_known:
+                    problem = "the trace has no footer (recorder killed?)"
+                break
+            raw = self._read(FRAME_HEADER_SIZE, pos)
+            if len(raw) < FRAME_HEADER_SIZE:
+                problem = f"the trace ends in a torn chunk at offset {pos} (recorder killed?)"
+                break
+            ftype, flags, reserved, length, crc = FRAME_HEADER.unpack(raw)
+            if reserved != 0 or not 0x41 <= ftype <= 0x5A:
+                problem = f"the frame header at offset {pos} is damaged; reading stopped there"
+                break
+            end = pos + FRAME_HEADER_SIZE + length
+            if end > size:
+                if ftype in (FRAME_CHUNK_TYPE, FRAME_FOOTER_TYPE):
+                    what = "chunk" if ftype == FRAME_CHUNK_TYPE else "footer"
+                    problem = f"the trace ends in a torn {what} at offset {pos} (recorder killed?)"
+                else:
+                    problem = f"the frame header at offset {pos} is damaged; reading stopped there"
+                break
+            if ftype == FRAME_CHUNK_TYPE:
+                refs.append(ChunkRef(len(refs), pos))
+            elif ftype == FRAME_FOOTER_TYPE and not footer_known:
+                payload = self._read(length, pos + FRAME_HEADER_SIZE)
+                footer = None
+                if zlib.crc32(payload) == crc:
+                    try:
+                        footer = _unpack(decompress(payload, flags))
+                    except Exception:
+                        footer = None
+                if isinstance(footer, dict):
+                    self.footer = footer
+                    self.complete = True
+                    self.warnings.append(f"the trace's trailer is missing or damaged (footer at offset {pos})")
+                else:
+                    problem = f"the footer at offset {pos} is corrupt (recorder killed while closing?)"
+                break
+            elif ftype == FRAME_FOOTER_TYPE:
+                break
+            elif ftype == FRAME_HEADER_TYPE:
+                self.warnings.append(f"a second header frame at offset {pos} was ignored")
+            # other frame types: added by later minor versions; skipped
+            pos = end
+        self.chunk_index = refs
+        if problem is not None:
+            self.complete = False
+            n_events = self._recovered_events()
+            self.warnings.append(f"{problem}: {n_events} events in {len(refs)} complete chunks recovered")
+
+    def _recovered_events(self) -> int:
+        for i in range(len(self.chunk_index) - 1, -1, -1):
+            chunk = self._load(i)
+            if chunk is not None:
+                return chunk.seq0 + chunk.n
+        return 0
+
+    # ------------------------------------------------------------------------------------------------
+    # chunks
+    # ------------------------------------------------------------------------------------------------
+
+    def _load(self, i: int) -> Chunk | None:
+        ref = self.chunk_index[i]
+        try:
+            chunk = self._decode(ref)
+        except _Damaged as e:
+            if i not in self._warned:
+                self._warned.add(i)
+                self.warnings.append(f"chunk {i} at offset {ref.offset} {e}: {self._skipped(i)}; later chunks still read")
+            return None
+        ref.seq0, ref.n = chunk.seq0, chunk.n
+        return chunk
+
+    def _skipped(self, i: int) -> str:
+        ref = self.chunk_index[i]
+        if ref.n is not None:
+            return f"skipped {ref.n} events"
+        start = 0
+        if i > 0:
+            prev = self.chunk_index[i - 1]
+            if prev.seq0 is None or prev.n is None:
+                return "skipped its events"
+            start = prev.seq0 + prev.n
+        if i + 1 < len(self.chunk_index):
+            nxt = self._seq0_of(i + 1)
+            if nxt is not None and nxt >= start:
+                return f"skipped {nxt - start} events"
+        return "skipped its events"
+
+    def _frame_payload(self, ref: ChunkRef) -> tuple[int, bytes, int]:
+        raw = self._read(FRAME_HEADER_SIZE, ref.offset)
+        if len(raw) < FRAME_HEADER_SIZE:
+            raise _Damaged("is truncated")
+        ftype, flags, reserved, length, crc = FRAME_HEADER.unpack(raw)
+        if ftype != FRAME_CHUNK_TYPE or reserved != 0 or ref.offset + FRAME_HEADER_SIZE + length > self._data_end:
+            raise _Damaged("has a damaged frame header")
+        payload = self._read(length, ref.offset + FRAME_HEADER_SIZE)
+        if len(payload) != length:
+            raise _Damaged("is truncated")
+        return flags, payload, crc
+
+    def _decode(self, ref: ChunkRef) -> Chunk:
+        flags, payload, crc = self._frame_payload(ref)
+        if zlib.crc32(payload) != crc:
+            raise _Damaged("is corrupt (CRC mismatch)")
+        if flags & ~KNOWN_FLAGS:
+            raise _Damaged(f"uses unknown frame flags 0x{flags:02x} (written by a newer tracevisor?)")
+        try:
+            obj = _unpack(decompress(payload, flags))
+        except TraceError:
+            raise _Damaged("is zstd-compressed but zstandard is not installed") from None
+        except Exception as e:
+            raise _Damaged(f"is malformed ({type(e).__name__})") from None
+        if type(obj) is not dict:
+            raise _Damaged("is malformed (payload is not a map)")
+        seq0 = obj.get("seq0")
+        n = obj.get("n")
+        exits = obj.get("exits", b"")
+        events = obj.get("events", [])
+        if not (_is_count(seq0) and _is_count(n)):
+            raise _Damaged("is malformed (no seq0/n)")
+        if type(exits) is not bytes or len(exits) % _ROW:
+            raise _Damaged("is malformed (exit rows are not a multiple of 27 bytes)")
+        if type(events) is not list:
+            raise _Damaged("is malformed (events is not a list)")
+        prev = seq0 - 1
+        end = seq0 + n
+        for ev in events:
+            if type(ev) is not dict:
+                raise _Damaged("is malformed (an event is not a map)")
+            s = ev.get("seq")
+            if type(s) is not int or not prev < s < end or type(ev.get("k")) is not str:
+                raise _Damaged("is malformed (event seqs out of order or range)")
+            prev = s
+        if len(exits) // _ROW != n - len(events):
+            raise _Damaged(f"is malformed ({len(exits) // _ROW} exit rows for {n - len(events)} exit seqs)")
+        return Chunk(ref.index, ref.offset, seq0, n, exits, events)
+
+    def _seq0_of(self, i: int) -> int | None:
+        """seq0 of chunk i, from the index or by peeking at the start of its payload (not CRC-checked)."""
+        ref = self.chunk_index[i]
+        if ref.seq0 is not None:
+            return ref.seq0
+        try:
+            flags, payload, _crc = self._frame_payload(ref)
+            data = decompress(payload, flags) if flags else payload[:64]
+            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+            unpacker.feed(data[:64])
+            for _ in range(unpacker.read_map_header()):
+                key = unpacker.unpack()
+                value = unpacker.unpack()
+                if key == "seq0":
+                    return value if _is_count(value) else None
+                if key not in ("n",):
+                    return None
+        except Exception:
+            return None
+        return None
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Decoded chunks in file order, one at a time; damaged ones are skipped (with a warning)."""
+        for i in range(len(self.chunk_index)):
+            chunk = self._load(i)
+            if chunk is not None:
+                yield chunk
+
+    def chunk(self, i: int) -> Chunk | None:
+        """Chunk ``i`` of :attr:`chunk_index` (negative indexes count from the end); None if damaged."""
+        if i < 0:
+            i += len(self.chunk_index)
+        if not 0 <= i < len(self.chunk_index):
+            raise IndexError(f"chunk {i} out of range (the trace has {len(self.chunk_index)})")
+        return self._load(i)
+
+    def _first_chunk_for(self, seq: int) -> int:
+        """Index of the chunk that holds ``seq`` (or the first after it); 0 when unknown."""
+        lo, hi = 0, len(self.chunk_index)
+        while lo < hi:  # last chunk with seq0 <= seq
+            mid = (lo + hi) // 2
+            s0 = self._seq0_of(mid)
+            if s0 is None:
+                return 0
+            if s0 <= seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        return max(lo - 1, 0)
+
+    # ------------------------------------------------------------------------------------------------
+    # events
+    # ------------------------------------------------------------------------------------------------
+
+    def events(
+        self,
+        kinds: Iterable[str] | str | None = None,
+        vcpu: int | None = None,
+        start: int | None = None,
+        stop: int | None = None,
+    ) -> Iterator[dict]:
+        """All events in seq order, lazily.  Exits are materialised as maps
+        ``{"k": "exit", "seq", "cpu", "t", "reason", "rip", "port", "dir", "size", "value"}``.
+
+        ``kinds``: only these kinds (``"exit"`` selects exit rows); ``vcpu``: only this vCPU;
+        ``start``/``stop``: only seqs in ``[start, stop)``."""
+        if isinstance(kinds, str):
+            kinds = frozenset((kinds,))
+        elif kinds is not None:
+            kinds = frozenset(kinds)
+        first = 0 if start is None else self._first_chunk_for(start)
+        for i in range(first, len(self.chunk_index)):
+            chunk = self._load(i)
+            if chunk is None:
+                continue
+            if stop is not None and chunk.seq0 >= stop:
+                return
+            yield from chunk.iter_events(kinds, vcpu, start, stop)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.events()
+
+    @property
+    def n_events(self) -> int | None:
+        """Total events according to the footer (None without a footer)."""
+        return self.footer.get("events") if self.footer else None
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "TraceReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TraceReader({self.path!r}, chunks={len(self.chunk_index)}, complete={self.complete})"
+
+
+def open_trace(path: str | os.PathLike) -> TraceReader:
+    """Open a trace for reading.  Raises TraceError only when the file is not a trace, has a format version
+    this tracevisor cannot read, or its header is unreadable; other damage is reported in ``.warnings``."""
+    return TraceReader(path)
