@@ -3,7 +3,7 @@
 Everything a writer or reader needs to agree on lives here: the magic, the format version, the frame
 layout, the exit-row layout, the exit reason names, and the fields of the header, the footer and every
 rich event kind.  ``docs/trace-format.md`` contains tables generated from this module
-(``python -m tracevisor.trace.schema`` prints them) and a test checks that they match, so the prose
+(``python -m tracevisor.trace.gendoc`` prints or updates them) and a test checks that they match, so the prose
 specification and the code cannot drift apart.
 
 Why a fixed binary row for exits and msgpack maps for everything else: exits are by far the most frequent
@@ -187,6 +187,8 @@ class Kind:
     required: tuple[Field, ...] = ()
     optional: tuple[Field, ...] = ()
     reserved: bool = False  # name reserved for a later minor version; no fields defined yet
+    #: required fields that may be absent when the event carries an ``error`` field
+    optional_on_error: tuple[str, ...] = ()
 
     @property
     def fields(self) -> tuple[Field, ...]:
@@ -208,20 +210,23 @@ KINDS: dict[str, Kind] = {
         Kind(
             "hypercall",
             "One port-I/O hypercall, recorded after the host handled it. In seq order it follows its exit row "
-            "and the `hostio` events the host made for it.",
+            "and the `hostio` events the host made for it. A hypercall the hypervisor refused (bad block "
+            "address, pointer outside guest RAM, ...) has `error` and may lack `block`, `args` and `ret`.",
             required=(
                 Field("call", "str", "hypercall name: " + ", ".join(HYPERCALL_PORTS)),
                 Field("port", "int", "I/O port the guest wrote"),
                 Field("addr", "int", "guest-physical address of the argument block"),
                 Field("block", "bin", "the argument block as the guest wrote it"),
                 Field("args", "map", "decoded block fields by ABI name, e.g. `{\"fd\": 1, \"buf\": 4198400, \"len\": 6}`"),
-                Field("ret", "any", "result (int) or nil when the call has none"),
+                Field("ret", "int|nil", "result, or nil when the call has none"),
                 Field("t_end", "int", "ns when the host finished; host latency = `t_end - t`"),
             ),
             optional=(
                 Field("out", "bin", "the block after the host wrote back; omitted when unchanged"),
                 Field("payload", "bin", "bytes the guest passed to the host (write data, a file name, ...)"),
+                Field("error", "str", "why the hypervisor refused the call (the run then stops)"),
             ),
+            optional_on_error=("block", "args", "ret"),
         ),
         Kind(
             "hostio",
@@ -265,7 +270,11 @@ KINDS: dict[str, Kind] = {
                 Field("code", "int|nil", "guest exit code, nil when there is none"),
                 Field("reason", "str", "\"exit\", \"fault\", \"interrupted\", \"timeout\", \"error\", ..."),
             ),
-            optional=(Field("report", "map", "stop report: message, registers, instruction bytes, ..."),),
+            optional=(
+                Field("status", "int", "exit status of the tracevisor process"),
+                Field("message", "str", "one-line description of the stop"),
+                Field("report", "map", "stop report: registers, instruction bytes, hints, ..."),
+            ),
         ),
         Kind("virtio", "Reserved for virtio queue activity (a later minor version defines it).", reserved=True),
         Kind("net", "Reserved for network frames (a later minor version defines it).", reserved=True),
@@ -292,7 +301,7 @@ HEADER_FIELDS: tuple[Field, ...] = (
     Field("mounts", "list", "list of maps describing host directories visible to the guest"),
     Field("cpuid", "list", "CPUID entries given to the guest: [function, index, flags, eax, ebx, ecx, edx]"),
     Field("host", "map", "`{uname: str, kvm_api: int, python: str}`"),
-    Field("determinism", "map", "`{notes: list of str}`: what may differ when the run is replayed"),
+    Field("determinism", "map", "`{notes: str or list of str, ...}`: what may differ when the run is replayed"),
     Field("options", "map", "free-form recorder options"),
 )
 
@@ -357,8 +366,9 @@ def validate_event(ev: Mapping[str, Any]) -> None:
             raise ValueError(f"{kind} event lacks {f.name!r}")
         if not _type_ok(ev[f.name], f.type):
             raise ValueError(f"{kind} event field {f.name!r} should be {f.type}, got {ev[f.name]!r:.80}")
+    relaxed = spec.optional_on_error if "error" in ev else ()
     for f in spec.required:
-        if f.name not in ev:
+        if f.name not in ev and f.name not in relaxed:
             raise ValueError(f"{kind} event lacks required field {f.name!r}")
     known = {f.name: f for f in spec.fields}
     for key, value in ev.items():
@@ -451,5 +461,14 @@ def markdown_tables() -> str:
     return "\n".join(out) + "\n"
 
 
-if __name__ == "__main__":  # pragma: no cover - documentation helper
-    print(markdown_tables(), end="")
+def update_doc(path: str) -> bool:
+    """Replace the generated block of the markdown file at ``path``; True if it changed."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index(DOC_BEGIN)
+    end = text.index(DOC_END) + len(DOC_END)
+    new = text[:start] + markdown_tables().rstrip("\n") + text[end:]
+    if new != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != text

@@ -425,7 +425,7 @@ class TraceWriter:
             try:
                 if stop is not None:
                     fields = dict(stop)
-                    cpu = fields.pop("cpu", 0)
+                    cpu = fields.pop("cpu", None) or 0
                     t = fields.pop("t", None)
                     fields.pop("k", None)
                     fields.pop("seq", None)
