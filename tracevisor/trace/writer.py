@@ -316,8 +316,9 @@ class TraceWriter:
         self._n_exits += off // _ROW
         if self._full:
             # Everything is dropped except stop events (the background thread renumbers those).
+            # (event() already counted the events it refused; they are not in ``events``.)
             stops = [ev for ev in events if ev["k"] == "stop"]
-            self._dropped_caller += n - len(stops)
+            self._dropped_caller += off // _ROW + len(events) - len(stops)
             if stops:
                 self._queue.put((None, len(stops), b"", stops))
             return
