@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,7 +364,7 @@ def _compile_all(jobs: list[tuple[Path, Path, Variant]], cc: str, include: Path,
 def _link_and_check(objs: Sequence[Path], out: Path, variant: Variant, cc: str, sdk: Path,
                     extra: Sequence[str], check: bool) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         _run(_link_cmd(cc, objs, tmp, variant, sdk, extra), f"linking {out.name} ({variant.name})")
         if check:
