@@ -60,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_vm_options(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("record", help="run a kernel and record a trace (-o FILE)",
+                       description="Run KERNEL like `tracevisor run` and write a msgpack trace of every VM "
+                                   "exit, hypercall, host response and console output "
+                                   "(docs/trace-format.md). Options -o/--compress/--max-trace-size may "
+                                   "also follow KERNEL directly: tracevisor record KERNEL -o run.tvt ARGS…")
+    p.add_argument("-o", "--output", default="run.tvt", metavar="FILE", help="trace file (default run.tvt)")
+    p.add_argument("--compress", choices=["none", "zstd"], default="none",
+                   help="compress each chunk with zstd (needs the 'zstandard' package)")
+    p.add_argument("--max-trace-size", default=None, metavar="SIZE",
+                   help="stop the run cleanly (footer written) once the trace reaches SIZE, e.g. 1G")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not echo the guest's console output")
+    add_vm_options(p)
+    p.set_defaults(func=cmd_record)
+
     p = sub.add_parser("examples", help="list the bundled example guests, or print one's path",
                        description="The example guests ship with tracevisor (built with gcc on first use "
                                    "if they were not prebuilt). Try: tracevisor run \"$(tracevisor examples hello)\"")
@@ -128,6 +142,109 @@ def cmd_run(ns: argparse.Namespace) -> int:
         machine.close()
 
 
+def trace_header(ns, config, image, sandbox, argv, env, machine) -> dict:
+    """The recorder's header (the fields docs/trace-format.md lists)."""
+    import platform
+
+    from .kvm import uapi as U
+
+    desc = machine.describe()
+    return {
+        "kernel": {"path": os.path.abspath(image.path), "sha256": image.sha256, "size": image.file_size,
+                   "entry_version": image.entry_version, "pie": image.pie},
+        "memory": config.memory, "cpus": config.cpus,
+        "argv": [a.decode("utf-8", "surrogateescape") for a in argv],
+        "env": [e.decode("utf-8", "surrogateescape") for e in env],
+        "mounts": sandbox.describe(),
+        "cpuid": desc["cpuid"],
+        "host": {"uname": " ".join(platform.uname()), "kvm_api": U.KVM_API_VERSION,
+                 "python": platform.python_version(), "tsc_khz": desc["tsc_khz"],
+                 "irqchip": desc["irqchip"], "caps": desc["caps"]},
+        "determinism": {"rdrand_hidden": config.hide_rdrand, "rdseed_hidden": config.hide_rdrand,
+                        "notes": "RDRAND/RDSEED hidden in CPUID; TSC reads are not recorded "
+                                 "(docs/determinism.md)"},
+        "options": {"verbose": config.verbose, "pit": config.pit, "timeout": config.timeout,
+                    "stagger_s": config.stagger_s},
+    }
+
+
+def _hoist_record_options(argv: list[str]) -> list[str]:
+    """Let `record KERNEL -o FILE ARGS…` work: options of `record` right after KERNEL move before it."""
+    if not argv or argv[0] != "record":
+        return argv
+    takes_value = {"-m", "--memory", "-c", "--cpus", "--mount", "--env", "--timeout", "-o", "--output",
+                   "--compress", "--max-trace-size"}
+    movable = {"-o", "--output", "--compress", "--max-trace-size"}
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return argv
+        if a.startswith("-"):
+            i += 2 if (a in takes_value) else 1
+            continue
+        break  # argv[i] is KERNEL
+    k = i
+    if k >= len(argv):
+        return argv
+    head, kernel, rest = argv[:k], argv[k], argv[k + 1:]
+    hoisted: list[str] = []
+    while rest:
+        a = rest[0]
+        name = a.split("=", 1)[0]
+        if name not in movable:
+            break
+        if "=" in a or len(rest) < 2:
+            hoisted.append(rest.pop(0))
+        else:
+            hoisted += [rest.pop(0), rest.pop(0)]
+    return head + hoisted + [kernel] + rest
+
+
+def cmd_record(ns: argparse.Namespace) -> int:
+    import time
+
+    from .hostio import Console, LiveHostIO, RecordingHostIO
+    from .kvm.uapi import EXIT_REASON_NAMES
+    from .machine import Machine, StopInfo, STATUS_ERROR, parse_size
+    from .trace import TraceWriter
+
+    config, image, sandbox, argv, env = vm_setup(ns)
+    max_bytes = parse_size(ns.max_trace_size) if ns.max_trace_size else None
+    machine = Machine(config, image)
+    started = time.monotonic()
+    try:
+        header = trace_header(ns, config, image, sandbox, argv, env, machine)
+        writer = TraceWriter(ns.output, header, compress=None if ns.compress == "none" else ns.compress,
+                             threadsafe=config.cpus > 1, max_bytes=max_bytes)
+        machine.t0 = time.monotonic_ns()
+        machine.stop_conditions.append(
+            lambda: StopInfo("trace-full", STATUS_ERROR,
+                             f"the trace reached --max-trace-size ({ns.max_trace_size}); recording stopped")
+            if writer.full else None)
+        hostio = RecordingHostIO(LiveHostIO(sandbox, argv, env, Console(quiet=ns.quiet),
+                                            tsc_khz=machine.tsc_khz), writer, machine.now)
+        try:
+            info = machine.run(hostio, trace=writer)
+        finally:
+            hostio.close_all()
+        stop = info.as_dict()
+        stop["report"] = {k: v for k, v in stop["report"].items() if k != "traceback"}
+        summary = writer.close(stop=stop)
+        status = finish(info)
+    finally:
+        machine.close()
+    wall = time.monotonic() - started
+    exits = summary.get("exits", 0)
+    by_reason = ", ".join(f"{EXIT_REASON_NAMES.get(int(r), r)} {n}" for r, n in
+                          sorted(summary.get("by_reason", {}).items(), key=lambda kv: -kv[1]))
+    size = os.path.getsize(ns.output)
+    per_exit = f", {size / exits:.1f} B/exit" if exits else ""
+    print(f"tracevisor: recorded {summary.get('events', 0)} events ({exits} exits: {by_reason or 'none'}) "
+          f"to {ns.output}: {size} bytes{per_exit}, {wall:.2f} s", file=sys.stderr)
+    return status
+
+
 def cmd_examples(ns: argparse.Namespace) -> int:
     from . import guestbuild
 
@@ -143,7 +260,7 @@ def cmd_examples(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(_hoist_record_options(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(ns, "func", None):
         parser.print_help()
         return 2

@@ -13,7 +13,8 @@ replaying.
 
 from __future__ import annotations
 
-import fcntl
+import ctypes
+import errno
 import os
 import signal
 import struct
@@ -59,6 +60,7 @@ _BYTES = [bytes([i]) for i in range(256)]
 IO_DATA_OFFSET = 4096
 _EXIT = struct.Struct("<I20xBBHIQ384xQ%dxI" % (IO_DATA_OFFSET - 440))
 _EXIT_NO_DATA = struct.Struct("<I20xBBHIQ384xQ")
+_libc_ioctl = ctypes.CDLL(None, use_errno=True).ioctl  # KVM_RUN only: its number fits a C int
 _PACK_IN = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
 
 
@@ -173,6 +175,7 @@ class Machine:
         self._stopping = threading.Event()
         self._unknown_in_logged: set[int] = set()
         self.exit_hooks: list[Callable] = []
+        self.stop_conditions: list[Callable[[], "StopInfo | None"]] = []  # polled by the main thread
         self.caps = {
             "sync_regs": self.kvm.check_extension(U.KVM_CAP_SYNC_REGS),
             "irqchip": self.kvm.check_extension(U.KVM_CAP_IRQCHIP),
@@ -319,6 +322,11 @@ class Machine:
                     self.stop(StopInfo("timeout", STATUS_TIMEOUT,
                                        f"--timeout of {self.config.timeout:g} s expired; VM stopped"))
                     return
+                for cond in self.stop_conditions:
+                    info = cond()
+                    if info is not None:
+                        self.stop(info)
+                        return
                 if now >= next_probe:
                     next_probe = now + WATCHDOG_PERIOD_S
                     self._watchdog()
@@ -405,7 +413,10 @@ class Machine:
         fd = v.vcpu.fd
         mm = v.vcpu.run_mmap
         run = v.vcpu.run
-        ioctl = fcntl.ioctl
+        # ctypes' plain foreign call is ~0.8 µs cheaper per exit than fcntl.ioctl (which first tries
+        # the buffer protocol on its argument); it releases the GIL like fcntl does.
+        kvm_run = _libc_ioctl
+        get_errno = ctypes.get_errno
         KVM_RUN = U.KVM_RUN
         unpack = _EXIT.unpack_from if len(mm) >= _EXIT.size else _EXIT_NO_DATA.unpack_from
         out_ports = self.out_ports
@@ -418,17 +429,15 @@ class Machine:
         mask = _MASK
         pack_in = _PACK_IN
         while True:
-            try:
-                ioctl(fd, KVM_RUN, 0)
-            except InterruptedError:
-                if stopping.is_set():
-                    return
-                run.immediate_exit = 0
-                self._probe(v)
-                continue
-            except OSError as e:
-                raise VmStop(self._fault(v, "error", f"KVM_RUN failed on vCPU {cpu}: "
-                                         f"{os.strerror(e.errno or 0)}")) from None
+            if kvm_run(fd, KVM_RUN, 0) < 0:
+                err = get_errno()
+                if err == errno.EINTR or err == errno.EAGAIN:
+                    if stopping.is_set():
+                        return
+                    run.immediate_exit = 0
+                    self._probe(v)
+                    continue
+                raise VmStop(self._fault(v, "error", f"KVM_RUN failed on vCPU {cpu}: {os.strerror(err)}"))
             t = unpack(mm, 8)
             reason = t[0]
             if reason == 2:  # KVM_EXIT_IO

@@ -9,8 +9,9 @@ Design, because the writer sits on the run loop's hot path:
   background thread, which msgpack-encodes, optionally compresses, CRCs and ``os.write``s the frame.  The run
   loop spends most of its time in the ``KVM_RUN`` ioctl with the GIL released, so encoding and I/O overlap
   the guest's execution.
-* Every frame is written with one ``write`` call and the header frame is written at open, so a recorder
-  killed at any moment leaves a file readable up to its last complete chunk.
+* The header frame is written at open and chunk frames are appended whole (the writer thread writes all
+  the chunks waiting for it with one ``writev``), so a recorder killed at any moment leaves a file readable
+  up to its last complete chunk.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import queue
 import threading
 import time
 import weakref
-from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
 
@@ -47,6 +47,7 @@ from .schema import (
 
 _ROW = EXIT_ROW_SIZE
 _BIN_TYPES = (bytearray, memoryview)
+_BATCH_MAX = 16  # chunks written with one system call, at most
 _QUEUE_DEPTH = 64  # chunks waiting for the background thread before exit()/event() block (bounds memory)
 _EVENT_OVERHEAD = 32  # estimated encoded bytes of a rich event besides its fields
 _FIELD_OVERHEAD = 12  # estimated encoded bytes of a non-binary field
@@ -62,6 +63,19 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
     while rest:
         n = os.write(fd, rest)
         rest = rest[n:]
+
+
+def _count_reasons(column: bytes, counts: dict[int, int]) -> None:
+    """Add the byte values of ``column`` (the reason bytes of a chunk's rows) to ``counts``.
+
+    One C-speed pass per distinct reason (chunks usually hold one or two), instead of a per-row loop."""
+    while column:
+        reason = column[0]
+        n = column.count(reason)
+        counts[reason] = counts.get(reason, 0) + n
+        if n == len(column):
+            return
+        column = column.translate(None, bytes((reason,)))
 
 
 def _close_at_exit(ref: "weakref.ref[TraceWriter]") -> None:
@@ -181,6 +195,7 @@ class TraceWriter:
         self._w_dropped = 0
         self._w_by_reason: dict[int, int] = {}
         self._w_chunks: list[list[int]] = []
+        self._parts: list[bytes] = []  # encoded frames of the batch being written
         self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._packer = msgpack.Packer(use_bin_type=True)
         self._thread = threading.Thread(target=self._background, name="tracevisor-trace-writer", daemon=True)
@@ -191,6 +206,9 @@ class TraceWriter:
 
         # --- method selection (no per-call flag tests) --------------------------------------------------
         self._lock = threading.Lock() if threadsafe else None
+        if self._lock is not None:
+            self._acquire = self._lock.acquire
+            self._release = self._lock.release
         if validate:
             self.exit = self._exit_validated
             self.event = self._event_validated
@@ -226,16 +244,19 @@ class TraceWriter:
         ev.update(fields)
         if len(ev) != 4 + len(fields):
             raise ValueError(f"{kind} event fields must not be named k, seq, cpu or t")
-        est = _EVENT_OVERHEAD
-        for key, v in fields.items():
-            tv = type(v)
-            if tv is bytes:
-                est += len(v) + 8
-            elif tv in _BIN_TYPES:
-                v = ev[key] = bytes(v)
-                est += len(v) + 8
-            else:
-                est += _FIELD_OVERHEAD
+        # Estimated encoded size: binary fields count in full, anything else as a small constant.
+        est = _EVENT_OVERHEAD + _FIELD_OVERHEAD * len(fields)
+        buffers = False
+        for v in fields.values():
+            if type(v) is bytes:
+                est += len(v)
+            elif type(v) in _BIN_TYPES:
+                est += len(v) if type(v) is bytearray else v.nbytes
+                buffers = True
+        if buffers:  # encoded later, on the writer thread: copy buffers the caller may reuse
+            for key, value in fields.items():
+                if type(value) in _BIN_TYPES:
+                    ev[key] = bytes(value)
         events = self._events
         events.append(ev)
         self._seq = seq + 1
@@ -243,7 +264,9 @@ class TraceWriter:
             self._last_stop = ev
         eb = self._ev_bytes + est
         self._ev_bytes = eb
-        lim = min((self.chunk_events - len(events)) * _ROW, self.chunk_bytes - eb, self._limit_rows * _ROW)
+        lim = (self.chunk_events - len(events)) * _ROW
+        if self.chunk_bytes - eb < lim:
+            lim = self.chunk_bytes - eb
         self._lim = lim
         if self._off >= lim:
             self._flush()
@@ -256,7 +279,8 @@ class TraceWriter:
     # variants chosen at init -------------------------------------------------------------------------
 
     def _exit_locked(self, vcpu, t_ns, reason, rip, port=0, direction=0, size=0, value=0):
-        with self._lock:
+        self._acquire()  # (acquire/release: cheaper than a with-statement on this path)
+        try:
             off = self._off
             self._pack_into(self._buf, off, t_ns, rip, value, port, vcpu, reason, direction, size)
             seq = self._seq
@@ -266,10 +290,15 @@ class TraceWriter:
             if off >= self._lim:
                 self._flush()
             return seq
+        finally:
+            self._release()
 
     def _event_locked(self, kind, vcpu, t_ns, **fields):
-        with self._lock:
+        self._acquire()
+        try:
             return TraceWriter.event(self, kind, vcpu, t_ns, **fields)
+        finally:
+            self._release()
 
     def _exit_validated(self, vcpu, t_ns, reason, rip, port=0, direction=0, size=0, value=0):
         schema.validate_exit(vcpu, t_ns, reason, rip, port, direction, size, value)
@@ -334,17 +363,34 @@ class TraceWriter:
     # ------------------------------------------------------------------------------------------------
 
     def _background(self) -> None:
-        get = self._queue.get
+        q = self._queue
         while True:
-            item = get()
-            if item is None:
+            # Take every chunk that is waiting and write them with one system call: fewer GIL hand-overs
+            # when the run loop is busy in Python, the same result otherwise.
+            batch = [q.get()]
+            while len(batch) < _BATCH_MAX:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            done = False
+            for item in batch:
+                if item is None:
+                    done = True
+                    break
+                if self._error is None:
+                    try:
+                        self._write_chunk(*item)
+                    except BaseException as e:  # reported to the caller at its next flush or at close()
+                        self._error = e
+            parts, self._parts = self._parts, []
+            if parts and self._error is None:
+                try:
+                    _write_all(self._fd, parts)
+                except BaseException as e:
+                    self._error = e
+            if done:
                 return
-            if self._error is not None:
-                continue  # keep draining so producers never block on a dead writer
-            try:
-                self._write_chunk(*item)
-            except BaseException as e:  # reported to the caller at its next flush or at close()
-                self._error = e
 
     def _encode(self, seq0: int, n: int, exits: bytes, events: list) -> tuple[int, bytes]:
         payload = self._packer.pack({"seq0": seq0, "n": n, "exits": exits, "events": events})
@@ -375,7 +421,7 @@ class TraceWriter:
         self._store(seq0, len(stops), flags, payload, b"")
 
     def _store(self, seq0: int, n: int, flags: int, payload: bytes, exits: bytes) -> None:
-        _write_all(self._fd, [frame_header(FRAME_CHUNK_TYPE, flags, payload), payload])
+        self._parts += (frame_header(FRAME_CHUNK_TYPE, flags, payload), payload)
         self._w_chunks.append([self._file_off, seq0, n])
         self._file_off += schema.FRAME_HEADER_SIZE + len(payload)
         n_exits = len(exits) // _ROW
@@ -383,9 +429,7 @@ class TraceWriter:
         self._w_exits += n_exits
         self._w_next_seq = seq0 + n
         if n_exits:
-            by = self._w_by_reason
-            for reason, count in Counter(exits[24::_ROW]).items():
-                by[reason] = by.get(reason, 0) + count
+            _count_reasons(exits[24::_ROW], self._w_by_reason)
 
     # ------------------------------------------------------------------------------------------------
     # state and closing
