@@ -339,3 +339,40 @@ def test_write_errors_surface_in_the_caller(tmp_path, monkeypatch):
 def test_header_encoding_error(tmp_path):
     with pytest.raises(TracevisorError, match="cannot be encoded"):
         TraceWriter(tmp_path / "t.tvt", {"options": {"x": object()}})
+
+
+def test_odd_values_do_not_lose_the_chunk(tmp_path):
+    import pathlib
+
+    path = tmp_path / "t.tvt"
+    with TraceWriter(path, {}) as w:
+        w.exit(0, 1, 2, 3)
+        w.event("hostio", 0, 2, op="open", args=[pathlib.Path("/data/x"), {3}, object()], ret=3)
+        w.exit(0, 4, 2, 5)
+    evs = list(open_trace(path).events())
+    assert [e["k"] for e in evs] == ["exit", "hostio", "exit"]
+    assert evs[1]["args"][:2] == ["/data/x", [3]] and evs[1]["args"][2].startswith("<object")
+
+
+def test_recording_after_close_is_dropped_not_blocking(tmp_path):
+    path = tmp_path / "t.tvt"
+    w = TraceWriter(path, {}, chunk_events=10, threadsafe=True)
+    w.exit(0, 1, 2, 3)
+    w.close()
+    for i in range(5000):  # a vCPU thread that has not noticed yet
+        w.exit(0, i, 2, i)
+        w.event("console", 0, i, stream="uart", data=b"x")
+    assert w.stats["dropped"] >= 9990
+    assert open_trace(path).footer["events"] == 1
+
+
+def test_stats_while_recording(tmp_path):
+    w = TraceWriter(tmp_path / "t.tvt", {}, chunk_events=100)
+    for i in range(1050):
+        w.exit(0, i, 2 if i % 2 else 5, i)
+    w.event("console", 0, 5, stream="uart", data=b"x")
+    st = w.stats
+    assert st["events"] == 1051 and st["exits"] == 1050 and st["dropped"] == 0
+    summary = w.close()
+    assert summary["by_reason"] == {2: 525, 5: 525} and summary["chunks"] == 11
+    assert w.stats["by_reason"] == {2: 525, 5: 525}

@@ -78,6 +78,20 @@ def _count_reasons(column: bytes, counts: dict[int, int]) -> None:
         column = column.translate(None, bytes((reason,)))
 
 
+def _encode_fallback(obj: Any) -> Any:
+    """msgpack ``default`` on the writer thread: an odd value in an event must not lose the whole chunk.
+
+    Integers-like objects (numpy scalars, IntEnum subclasses msgpack refused) become ints, sets become
+    lists, anything else its ``repr``.  (With ``validate`` on, such values are refused up front instead.)"""
+    if hasattr(obj, "__index__"):
+        return obj.__index__()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return repr(obj)
+
+
 def _close_at_exit(ref: "weakref.ref[TraceWriter]") -> None:
     writer = ref()
     if writer is not None:
@@ -197,7 +211,8 @@ class TraceWriter:
         self._w_chunks: list[list[int]] = []
         self._parts: list[bytes] = []  # encoded frames of the batch being written
         self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
-        self._packer = msgpack.Packer(use_bin_type=True)
+        self._packer = msgpack.Packer(use_bin_type=True, default=_encode_fallback)
+        self._shut = False  # set once close() has taken the last chunk
         self._thread = threading.Thread(target=self._background, name="tracevisor-trace-writer", daemon=True)
         self._thread.start()
         # A writer that is never closed still gets its footer at normal interpreter exit.
@@ -341,6 +356,9 @@ class TraceWriter:
         if self._error is not None:
             self._raise_error()
         if n == 0:
+            return
+        if self._shut:  # a vCPU thread still recording after close(): nothing more goes to the file
+            self._dropped_caller += n
             return
         self._n_exits += off // _ROW
         if self._full:
@@ -493,6 +511,7 @@ class TraceWriter:
             if self._error is None:
                 self._flush()
         finally:
+            self._shut = True
             self._queue.put(None)
             self._thread.join()
         if self._error is not None:
