@@ -96,8 +96,10 @@ def test_sigkill_leaves_a_readable_trace(tmp_path):
     assert "recorder killed?" in r.warnings[0]
     assert ("torn" in r.warnings[0]) or ("no footer" in r.warnings[0])
     events = list(r.events())
-    assert len(events) >= 20 * 64
+    assert len(events) >= 10 * 64
     check_dense_from(events)
+    data = path.read_bytes()
+    assert len(r.chunk_index) == sum(1 for _o, t, _ln in frame_offsets(data) if t == ord("C"))  # none lost
     assert f"{len(events)} events in {len(r.chunk_index)} complete chunks recovered" in r.warnings[0]
     assert len(events) == sum(c.n for c in r.chunks())
 

@@ -26,6 +26,7 @@ def test_strace_like_hypercalls():
     assert body(hc("unlink", {"name": 0x5000}, -1, payload=b"gone.txt")) == 'unlink("gone.txt") = -1'
     assert body(hc("exit", {"arg": 0}, None)) == "exit(0)"
     assert body(hc("cmdsize", {"argc": 2, "envc": 1}, None)) == "cmdsize(argc=2, envc=1) = ?"
+    assert body(hc("cmdval", {"argv": 0x4C3840, "envp": 0x4C3000}, 0)) == "cmdval(argv=0x4c3840, envp=0x4c3000) = 0"
     assert body(hc("write", {"fd": 1, "buf": 1, "len": 6}, 6, payload=b"Hello\n", t_end=12_357_300)) == \
         'write(1, "Hello\\n", 6) = 6 <12.3us>'
 

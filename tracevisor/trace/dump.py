@@ -26,6 +26,7 @@ _OPEN_FLAGS = {
     0o2000000: "O_CLOEXEC",
 }
 _ACCMODE = {0: "O_RDONLY", 1: "O_WRONLY", 2: "O_RDWR", 3: "O_ACCMODE"}
+_ADDRESS_KEYS = frozenset(("buf", "name", "argv", "envp", "addr"))  # guest addresses: shown in hex
 _WHENCE = {0: "SEEK_SET", 1: "SEEK_CUR", 2: "SEEK_END"}
 _ESCAPES = {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x22: '\\"', 0x5C: "\\\\", 0x00: "\\0"}
 
@@ -118,7 +119,8 @@ def _hypercall(ev: Mapping[str, Any]) -> str:
     elif call == "uart":
         return f"uart({_hex(g('value'))})" + _latency(ev)
     else:
-        text = f"{call}(" + ", ".join(f"{k}={_value(v)}" for k, v in args.items()) + ")"
+        text = f"{call}(" + ", ".join(
+            f"{k}={_hex(v) if k in _ADDRESS_KEYS else _value(v)}" for k, v in args.items()) + ")"
     return f"{text} = {'?' if ret is None else _value(ret)}" + _latency(ev)
 
 

@@ -11,7 +11,6 @@ import os
 import sys
 import zlib
 from array import array
-from bisect import bisect_right
 from typing import Any, Iterable, Iterator
 
 import msgpack
