@@ -15,3 +15,23 @@ def run_cli(*args: str, cwd=None, env=None, timeout=120, input=None) -> subproce
         full_env.update(env)
     return subprocess.run([sys.executable, "-m", "tracevisor", *args], cwd=cwd, env=full_env,
                           capture_output=True, timeout=timeout, input=input)
+
+
+def build_asm(tmp_path, name: str, body: str, data: str = ""):
+    """Assemble a tiny freestanding guest (plain static ELF at 0x400000) from AT&T assembly."""
+    from pathlib import Path
+
+    src = Path(tmp_path) / f"{name}.S"
+    src.write_text(".globl _start\n.text\n_start:\n" + body + "\n.data\n" + data + "\n")
+    out = Path(tmp_path) / name
+    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,-Ttext=0x400000", "-Wl,--build-id=none",
+                    "-o", str(out), str(src)], check=True, capture_output=True)
+    return out
+
+
+EXIT_ASM = """
+  lea exitblk(%rip), %rax
+  mov $0x540, %dx
+  outl %eax, %dx
+"""
+EXIT_DATA = "exitblk: .long {code}\n"

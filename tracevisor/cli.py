@@ -74,6 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_vm_options(p)
     p.set_defaults(func=cmd_record)
 
+    p = sub.add_parser("info", help="print a trace's header and totals",
+                       description="Print the header (kernel, machine, command line, host) and the totals "
+                                   "(events, exits by reason, stop) of a trace.")
+    p.add_argument("trace", metavar="TRACE")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("dump", help="print a trace's events, one per line (hypercalls strace-like)",
+                       description="Print events in order: exits as '#seq cpuN +time IO out port=…', "
+                                   "hypercalls like strace: open(\"data.txt\", O_RDONLY) = 3.")
+    p.add_argument("trace", metavar="TRACE")
+    p.add_argument("--kind", action="append", default=None,
+                   choices=["exit", "hypercall", "hostio", "console", "mmio", "vcpu", "stop", "virtio", "net"],
+                   help="only events of this kind (repeatable)")
+    p.add_argument("--cpu", type=int, default=None, help="only events of this vCPU")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="print at most N events")
+    p.add_argument("--start", type=int, default=None, metavar="SEQ", help="first sequence number")
+    p.set_defaults(func=cmd_dump)
+
     p = sub.add_parser("examples", help="list the bundled example guests, or print one's path",
                        description="The example guests ship with tracevisor (built with gcc on first use "
                                    "if they were not prebuilt). Try: tracevisor run \"$(tracevisor examples hello)\"")
@@ -217,7 +235,7 @@ def cmd_record(ns: argparse.Namespace) -> int:
         header = trace_header(ns, config, image, sandbox, argv, env, machine)
         writer = TraceWriter(ns.output, header, compress=None if ns.compress == "none" else ns.compress,
                              threadsafe=config.cpus > 1, max_bytes=max_bytes)
-        machine.t0 = time.monotonic_ns()
+        machine.t0 = writer.t0_ns  # one clock for exit rows, events and the stop record
         machine.stop_conditions.append(
             lambda: StopInfo("trace-full", STATUS_ERROR,
                              f"the trace reached --max-trace-size ({ns.max_trace_size}); recording stopped")
@@ -243,6 +261,41 @@ def cmd_record(ns: argparse.Namespace) -> int:
     print(f"tracevisor: recorded {summary.get('events', 0)} events ({exits} exits: {by_reason or 'none'}) "
           f"to {ns.output}: {size} bytes{per_exit}, {wall:.2f} s", file=sys.stderr)
     return status
+
+
+def _open_trace(path: str):
+    from .trace import open_trace
+
+    reader = open_trace(path)
+    return reader
+
+
+def _print_warnings(reader) -> None:
+    for w in reader.warnings:
+        print(f"tracevisor: warning: {w}", file=sys.stderr)
+
+
+def cmd_info(ns: argparse.Namespace) -> int:
+    from .trace.dump import info_text
+
+    reader = _open_trace(ns.trace)
+    print(info_text(reader))
+    _print_warnings(reader)
+    return 0
+
+
+def cmd_dump(ns: argparse.Namespace) -> int:
+    from .trace.dump import format_event
+
+    reader = _open_trace(ns.trace)
+    n = 0
+    for ev in reader.events(kinds=ns.kind, vcpu=ns.cpu, start=ns.start):
+        if ns.limit is not None and n >= ns.limit:
+            break
+        print(format_event(ev))
+        n += 1
+    _print_warnings(reader)
+    return 0
 
 
 def cmd_examples(ns: argparse.Namespace) -> int:

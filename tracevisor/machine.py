@@ -152,6 +152,7 @@ class VcpuState:
         self.thread: threading.Thread | None = None
         self.exits = 0
         self.parked = False  # halted with interrupts disabled (seen by the watchdog)
+        self.stop_request: tuple[str, str] | None = None  # (reason, message) asked by the main thread
         self.running = False
 
 
@@ -340,10 +341,11 @@ class Machine:
     def _watchdog(self) -> None:
         live = [v for v in self.vcpus if v.running]
         if live and all(v.parked for v in live):
-            v = live[0]
-            info = self._fault(v, "hang", f"every vCPU is halted with interrupts disabled (hlt after cli): "
-                               "the guest can never continue", probe_regs=True)
-            self.stop(info)
+            # The report needs the vCPU's registers, which only its own thread can read while it is
+            # inside KVM_RUN: ask it to stop with the report.
+            live[0].stop_request = ("hang", "every vCPU is halted with interrupts disabled (hlt after "
+                                    "cli): the guest can never continue")
+            self._kick(live[0])
             return
         for v in live:
             self._kick(v)
@@ -435,6 +437,8 @@ class Machine:
                     if stopping.is_set():
                         return
                     run.immediate_exit = 0
+                    if v.stop_request is not None:
+                        raise VmStop(self._fault(v, *v.stop_request))
                     self._probe(v)
                     continue
                 raise VmStop(self._fault(v, "error", f"KVM_RUN failed on vCPU {cpu}: {os.strerror(err)}"))
@@ -621,8 +625,8 @@ class Machine:
         except GuestError as e:
             return f"(not readable: {e})"
 
-    def _fault(self, v: VcpuState, reason: str, message: str, *, hints=None, extra=None,
-               probe_regs: bool = True) -> StopInfo:
+    def _fault(self, v: VcpuState, reason: str, message: str, *, hints=None, extra=None) -> StopInfo:
+        """A stop report with registers and code bytes; call only from v's own thread."""
         report: dict = {}
         try:
             report.update(self.registers(v))

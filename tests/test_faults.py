@@ -1,0 +1,136 @@
+"""Guest faults and hangs end in one clear report and a defined status — never a traceback or a hang."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import EXIT_ASM, EXIT_DATA, build_asm, run_cli
+
+pytestmark = pytest.mark.kvm
+
+
+def assert_clean(r, status, *fragments):
+    err = r.stderr.decode()
+    assert r.returncode == status, err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in err, (f, err)
+    return err
+
+
+def test_triple_fault(tmp_path):
+    k = build_asm(tmp_path, "ud2", "  ud2")
+    err = assert_clean(run_cli("run", str(k)), 3, "triple fault on vCPU 0", "code at rip: 0f 0b", "rip=")
+
+
+def test_sse_instruction_is_reported(tmp_path):
+    k = build_asm(tmp_path, "sse", "  pxor %xmm0, %xmm0\n" + EXIT_ASM, EXIT_DATA.format(code=0))
+    r = run_cli("run", str(k))
+    err = r.stderr.decode()
+    assert r.returncode == 3 and "Traceback" not in err
+    # nested KVM: emulation failure (suberror 1); direct KVM with CR4.OSFXSR clear: #UD → triple fault
+    assert ("internal error on vCPU 0: suberror 1" in err) or ("triple fault" in err), err
+    assert "code at rip: 66 0f ef c0" in err
+
+
+def test_unknown_out_port_stops(tmp_path):
+    k = build_asm(tmp_path, "p80", "  mov $1, %al\n  outb %al, $0x80\n" + EXIT_ASM, EXIT_DATA.format(code=0))
+    assert_clean(run_cli("run", str(k)), 3, "unknown I/O port 0x80", "at rip 0x4000")
+
+
+def test_unknown_in_port_reads_all_ones(tmp_path):
+    k = build_asm(tmp_path, "p61", "  inb $0x61, %al\n  mov $0x800, %dx\n  outb %al, %dx\n" + EXIT_ASM,
+                  EXIT_DATA.format(code=0))
+    r = run_cli("run", str(k))
+    assert (r.returncode, r.stdout) == (0, b"\xff")
+    assert b"read unknown I/O port 0x61" in r.stderr
+
+
+def test_halt_with_interrupts_off_is_detected(tmp_path):
+    k = build_asm(tmp_path, "hlt", "  cli\n  hlt\n")
+    t = time.monotonic()
+    assert_clean(run_cli("run", str(k), timeout=30), 3, "halted with interrupts disabled")
+    assert time.monotonic() - t < 10
+
+
+def test_timeout_stops_spinning_guest(tmp_path):
+    k = build_asm(tmp_path, "spin", "1: jmp 1b\n")
+    assert_clean(run_cli("run", "--timeout", "1", str(k), timeout=30), 124, "--timeout of 1 s expired")
+
+
+@pytest.mark.parametrize("sig,status,word", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated")])
+def test_signals_stop_cleanly(tmp_path, sig, status, word):
+    k = build_asm(tmp_path, "spin", "1: jmp 1b\n")
+    p = subprocess.Popen([sys.executable, "-m", "tracevisor", "run", str(k)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == status, err
+    assert word.encode() in err and b"Traceback" not in err
+
+
+@pytest.mark.parametrize("addr", ["0xfffffff0", "0x3fffffc"])
+def test_bad_hypercall_block(tmp_path, addr):
+    k = build_asm(tmp_path, "badblk", f"  mov ${addr}, %eax\n  mov $0x440, %dx\n  outl %eax, %dx\n")
+    assert_clean(run_cli("run", str(k)), 3, "OPEN argument block", "outside guest RAM")
+
+
+def test_multi_vcpu_fault_while_other_runs(tmp_path):
+    # vCPU 0 spins forever; vCPU 1 triple-faults: the VM must stop, not hang (uhyve #631)
+    k = build_asm(tmp_path, "smpfault", "  test %rsi, %rsi\n  jnz 2f\n1: pause\n  jmp 1b\n2: ud2\n")
+    t = time.monotonic()
+    assert_clean(run_cli("run", "-c", "2", str(k), timeout=60), 3, "triple fault on vCPU 1")
+    assert time.monotonic() - t < 20
+
+
+class TestConfigErrors:
+    """Host/config problems: one line on stderr, status 1, no traceback."""
+
+    def one_line(self, r):
+        err = r.stderr.decode()
+        assert r.returncode == 1, err
+        assert err.count("\n") == 1 and err.startswith("tracevisor: error: "), err
+        return err
+
+    def test_missing_kernel(self, tmp_path):
+        assert "kernel not found" in self.one_line(run_cli("run", str(tmp_path / "nope")))
+
+    def test_not_elf(self, tmp_path):
+        p = tmp_path / "k"
+        p.write_text("hello")
+        assert "not an ELF file" in self.one_line(run_cli("run", str(p)))
+
+    def test_elf32(self, tmp_path):
+        p = tmp_path / "k32"
+        p.write_bytes(b"\x7fELF\x01\x01\x01" + bytes(60))
+        assert "32-bit ELF" in self.one_line(run_cli("run", str(p)))
+
+    def test_kernel_bigger_than_memory(self, tmp_path):
+        k = build_asm(tmp_path, "big", "  hlt", ".lcomm big, 40*1024*1024")
+        assert "raise --memory" in self.one_line(run_cli("run", "-m", "16M", str(k)))
+
+    def test_no_kvm_device(self, tmp_path, guests):
+        r = run_cli("run", str(guests["hello"]), env={"TRACEVISOR_KVM_DEVICE": str(tmp_path / "kvm")})
+        assert "does not exist: this machine offers no KVM" in self.one_line(r)
+
+    def test_kvm_device_not_kvm(self, tmp_path, guests):
+        r = run_cli("run", str(guests["hello"]), env={"TRACEVISOR_KVM_DEVICE": "/dev/null"})
+        assert "is not a KVM device" in self.one_line(r)
+
+    def test_bad_mount(self, tmp_path, guests):
+        assert "is not a directory" in self.one_line(run_cli("run", "--mount", str(tmp_path / "x"),
+                                                             str(guests["hello"])))
+
+    def test_bad_memory(self, guests):
+        assert "bad size" in self.one_line(run_cli("run", "-m", "lots", str(guests["hello"])))
+
+    def test_usage_error_status_2(self):
+        r = run_cli("run")
+        assert r.returncode == 2 and b"Traceback" not in r.stderr
