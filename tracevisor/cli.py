@@ -74,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_vm_options(p)
     p.set_defaults(func=cmd_record)
 
+    p = sub.add_parser("replay", help="re-execute a trace under KVM and check it against the recording",
+                       description="Re-execute the recorded kernel, answering every host request from the "
+                                   "trace (no host file, network or clock is touched), and stop with a report "
+                                   "at the first event that differs from the recording. Exit status: the "
+                                   "guest's exit code when verified, 4 on divergence.")
+    p.add_argument("trace", metavar="TRACE")
+    p.add_argument("--kernel", metavar="PATH", help="the kernel to run instead of the path in the trace")
+    p.add_argument("--force", action="store_true",
+                   help="run a kernel whose SHA-256 differs from the recorded one")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not reproduce the guest's console output")
+    p.add_argument("--report", metavar="FILE", help="also write the result (and any divergence) as JSON")
+    p.add_argument("--until", type=int, metavar="N", help="stop after recorded event N and print the state")
+    p.set_defaults(func=cmd_replay)
+
     p = sub.add_parser("info", help="print a trace's header and totals",
                        description="Print the header (kernel, machine, command line, host) and the totals "
                                    "(events, exits by reason, stop) of a trace.")
@@ -261,6 +275,61 @@ def cmd_record(ns: argparse.Namespace) -> int:
     print(f"tracevisor: recorded {summary.get('events', 0)} events ({exits} exits: {by_reason or 'none'}) "
           f"to {ns.output}: {size} bytes{per_exit}, {wall:.2f} s", file=sys.stderr)
     return status
+
+
+def cmd_replay(ns: argparse.Namespace) -> int:
+    import json
+
+    from replay import Replayer
+
+    with Replayer(ns.trace, kernel=ns.kernel, force=ns.force, quiet=ns.quiet) as r:
+        for w in r.warnings:
+            print(f"tracevisor: warning: {w}", file=sys.stderr)
+        result = r.run_to(ns.until) if ns.until is not None else r.run()
+        if result.reason == "paused":
+            regs = r.registers(result.stop.cpu or 0)
+            result.report = {"cpu": result.stop.cpu, "regs": regs}
+            print(f"tracevisor: {result.message}; vCPU {result.stop.cpu or 0} rip={regs['rip']:#x} "
+                  f"rsp={regs['rsp']:#x}", file=sys.stderr)
+        elif result.stop is not None and result.reason not in ("exit",) and not result.verified:
+            text = result.stop.format()
+            if text:
+                print(text, file=sys.stderr)
+            _print_divergence(result)
+            if result.message != result.stop.message:
+                print(f"tracevisor: {result.message}", file=sys.stderr)
+        else:
+            print(f"tracevisor: {result.message}", file=sys.stderr)
+        if ns.report:
+            with open(ns.report, "w") as f:
+                json.dump(result.as_dict(), f, indent=2, default=_json_default)
+        return result.status
+
+
+def _json_default(v):
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    return str(v)
+
+
+def _print_divergence(result) -> None:
+    rep = result.report
+    if not rep or "expected" not in rep:
+        if rep.get("leftover"):
+            print(f"  recorded but not replayed: {rep['leftover']}", file=sys.stderr)
+        return
+    print(f"  at recorded event #{rep.get('seq')}", file=sys.stderr)
+    exp, act = rep.get("expected") or {}, rep.get("actual") or {}
+    for k in sorted(set(exp) | set(act)):
+        if k in ("seq", "t", "k", "cpu") or exp.get(k) == act.get(k):
+            continue
+        print(f"    {k:>8}: recorded {exp.get(k)!r}", file=sys.stderr)
+        print(f"    {'':>8}  replay   {act.get(k)!r}", file=sys.stderr)
+    last = rep.get("last_matching") or []
+    if last:
+        print("  last matching events:", file=sys.stderr)
+        for ev in last:
+            print(f"    {ev}", file=sys.stderr)
 
 
 def _open_trace(path: str):

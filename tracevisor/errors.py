@@ -31,3 +31,19 @@ class GuestError(Exception):
     def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)
         self.details = details
+
+
+class Divergence(Exception):
+    """Replay: the guest did something other than what the recording says at this point.
+
+    Raised on a vCPU thread (by the replay checker or the replaying HostIO); the machine stops the VM
+    with a divergence report that adds the vCPU's registers.
+    """
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+class Pause(Exception):
+    """Raised on a vCPU thread to pause the VM at a consistent point (between exits)."""

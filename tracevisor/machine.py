@@ -28,7 +28,7 @@ from typing import Callable
 from . import arch_x86_64 as arch
 from . import hypercalls
 from .devices.pci import CONFIG_ADDRESS, CONFIG_DATA, PciBus
-from .errors import GuestError, TracevisorError
+from .errors import Divergence, GuestError, TracevisorError
 from .kvm import uapi as U
 from .kvm.system import Kvm, Vcpu
 from .loader import KernelImage
@@ -153,6 +153,8 @@ class VcpuState:
         self.exits = 0
         self.parked = False  # halted with interrupts disabled (seen by the watchdog)
         self.stop_request: tuple[str, str] | None = None  # (reason, message) asked by the main thread
+        self.started = False  # has entered the guest at least once
+        self.finished = False  # stopped for good (not paused)
         self.running = False
 
 
@@ -281,6 +283,24 @@ class Machine:
             self._boot()
         except GuestError as e:  # cannot happen with a validated image, but never a traceback
             return StopInfo("error", STATUS_ERROR, f"boot failed: {e}")
+        return self._execute()
+
+    def resume(self) -> StopInfo:
+        """Continue a VM that stopped with reason "paused"."""
+        if self.stop_info is None or self.stop_info.reason != "paused":
+            raise TracevisorError("the VM is not paused")
+        self.stop_info = None
+        self._stopping.clear()
+        for v in self.vcpus:
+            v.stop_request = None
+        return self._execute()
+
+    def request_pause(self, v: "VcpuState", message: str = "paused") -> None:
+        """Pause the VM after the exit being handled (call from v's own thread, e.g. a replay callback)."""
+        v.stop_request = ("paused", message)
+        v.vcpu.run.immediate_exit = 1
+
+    def _execute(self) -> StopInfo:
         main = threading.current_thread() is threading.main_thread()
         old_handlers = {}
         if main:
@@ -291,6 +311,8 @@ class Machine:
                                   "(it installs the vCPU kick signal handler)")
         try:
             for v in self.vcpus:
+                if v.finished:
+                    continue
                 v.thread = threading.Thread(target=self._vcpu_thread, args=(v,),
                                             name=f"vcpu{v.cpu}", daemon=True)
                 v.thread.start()
@@ -301,7 +323,7 @@ class Machine:
                 for sig, h in old_handlers.items():
                     signal.signal(sig, h)
             try:
-                hostio.flush()
+                self.hostio.flush()
             except Exception:
                 pass
         assert self.stop_info is not None
@@ -378,12 +400,14 @@ class Machine:
 
     def _vcpu_thread(self, v: VcpuState) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        if v.cpu and self._stopping.wait(v.cpu * self.config.stagger_s):
-            return
         trace = self.trace
+        if not v.started:
+            if v.cpu and self._stopping.wait(v.cpu * self.config.stagger_s):
+                return
+            v.started = True
+            if trace is not None:
+                trace.event("vcpu", v.cpu, self.now(), state="start")
         v.running = True
-        if trace is not None:
-            trace.event("vcpu", v.cpu, self.now(), state="start")
         reason = "stopped"
         try:
             self._loop(v)
@@ -397,6 +421,11 @@ class Machine:
         except VmStop as e:
             reason = e.info.reason
             self.stop(e.info)
+        except Divergence as e:
+            reason = "diverged"
+            info = self._fault(v, "diverged", f"replay diverged on vCPU {v.cpu}: {e}", extra=e.details)
+            info.status = STATUS_DIVERGED
+            self.stop(info)
         except TracevisorError as e:
             reason = "error"
             self.stop(StopInfo("error", STATUS_ERROR, str(e), cpu=v.cpu))
@@ -407,8 +436,14 @@ class Machine:
                                report={"traceback": traceback.format_exc()}))
         finally:
             v.running = False
-            if trace is not None:
-                trace.event("vcpu", v.cpu, self.now(), state="stop", reason=reason)
+            paused = self.stop_info is not None and self.stop_info.reason == "paused"
+            if not paused and not v.finished:
+                v.finished = True
+                if trace is not None:
+                    try:
+                        trace.event("vcpu", v.cpu, self.now(), state="stop", reason=reason)
+                    except Exception:  # e.g. a replay that already diverged: the stop is already known
+                        pass
 
     def _loop(self, v: VcpuState) -> None:
         """The hot loop.  Everything per exit is a local lookup."""
@@ -438,7 +473,10 @@ class Machine:
                         return
                     run.immediate_exit = 0
                     if v.stop_request is not None:
-                        raise VmStop(self._fault(v, *v.stop_request))
+                        reason_, message = v.stop_request
+                        if reason_ == "paused":
+                            raise VmStop(StopInfo("paused", 0, message, cpu=cpu))
+                        raise VmStop(self._fault(v, reason_, message))
                     self._probe(v)
                     continue
                 raise VmStop(self._fault(v, "error", f"KVM_RUN failed on vCPU {cpu}: {os.strerror(err)}"))

@@ -1,0 +1,162 @@
+"""The divergence checker: the trace sink the machine writes to during a replay.
+
+Where recording appends each exit and hypercall to a file, replay hands them to a :class:`Checker`,
+which compares them with the recording of the same vCPU, field by field, and raises
+:class:`~tracevisor.errors.Divergence` at the first difference.  It also drives user callbacks and
+"pause at event N".
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from tracevisor.errors import Divergence
+from tracevisor.kvm.uapi import EXIT_REASON_NAMES
+
+from .streams import CpuStream
+
+COMPARED_KINDS = {"exit", "hypercall", "vcpu", "mmio"}
+# The fields of a hypercall the guest determines (t, t_end are timing; seq is the recorder's numbering)
+HYPERCALL_FIELDS = ("call", "port", "addr", "block", "args", "payload", "out", "ret", "error")
+MMIO_FIELDS = ("addr", "len", "write", "data")
+EXIT_FIELDS = ("reason", "rip", "port", "dir", "size", "value")
+
+
+def exit_dict(seq: int, row: tuple) -> dict:
+    t, rip, value, port, vcpu, reason, direction, size = row
+    return {"k": "exit", "seq": seq, "cpu": vcpu, "t": t, "reason": reason, "rip": rip, "port": port,
+            "dir": direction, "size": size, "value": value}
+
+
+def _plain(v):
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        b = bytes(v)
+        return b.hex() if len(b) <= 32 else b[:32].hex() + f"... ({len(b)} bytes)"
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _summary(ev: tuple) -> dict:
+    kind, seq, payload = ev
+    d = exit_dict(seq, payload) if kind == "exit" else payload
+    return {k: _plain(v) for k, v in d.items()}
+
+
+class Checker:
+    """Compares the replayed run with the recording; one instance per replay."""
+
+    def __init__(self, path: str, cpus: int, history: int = 5) -> None:
+        self.streams = {cpu: CpuStream(path, cpu, COMPARED_KINDS) for cpu in range(cpus)}
+        self.matched = 0
+        self.exits = 0
+        self.last: dict[int, deque] = {cpu: deque(maxlen=history) for cpu in range(cpus)}
+        self.until: int | None = None
+        self.position = -1  # seq of the last matched recorded event
+        self.callbacks: dict[str, list[Callable]] = {}
+        self.on_pause: Callable[[int], None] | None = None  # set by the Replayer: pause(cpu)
+        self.make_event: Callable | None = None  # set by the Replayer: builds the callback's event object
+        self.stopped_by_callback = False
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _diverge(self, cpu: int, message: str, expected: dict | None, actual: dict, seq=None) -> None:
+        raise Divergence(message, kind=actual.get("k"), seq=seq, expected=expected, actual=actual,
+                         last_matching=[_summary(e) for e in self.last[cpu]])
+
+    def _next(self, cpu: int, kind: str, actual: dict) -> tuple:
+        ev = self.streams[cpu].next()
+        if ev is None or ev[0] != kind:
+            self._wrong_kind(cpu, ev, kind, actual)
+        return ev
+
+    def _wrong_kind(self, cpu: int, ev: tuple | None, kind: str, actual: dict) -> None:
+        actual = {k: _plain(v) for k, v in actual.items()}
+        if ev is None:
+            self._diverge(cpu, f"the guest went on past the end of the recording (a {kind} that was never "
+                          "recorded)", None, actual)
+        self._diverge(cpu, f"recorded event #{ev[1]} is a {ev[0]}, the replay produced a {kind}",
+                      _summary(ev), actual, seq=ev[1])
+
+    def _matched(self, cpu: int, ev: tuple) -> None:
+        self.matched += 1
+        self.position = ev[1]
+        self.last[cpu].append(ev)
+        if self.callbacks:
+            self._fire(cpu, ev)
+        if self.until is not None and ev[1] >= self.until and self.on_pause is not None:
+            self.on_pause(cpu)
+
+    def _fire(self, cpu: int, ev: tuple) -> None:
+        kind = ev[0]
+        fns = self.callbacks.get(kind, []) + self.callbacks.get("event", [])
+        if not fns:
+            return
+        obj = self.make_event(cpu, ev)
+        for fn in fns:
+            fn(obj)
+
+    # -- the trace-sink interface the machine calls ----------------------------------------------------
+    def exit(self, cpu, t_ns, reason, rip, port=0, direction=0, size=0, value=0) -> int:
+        ev = self.streams[cpu].next()
+        if ev is None or ev[0] != "exit":
+            self._wrong_kind(cpu, ev, "exit", {"k": "exit", "cpu": cpu, "reason": reason, "rip": rip,
+                                               "port": port, "dir": direction, "size": size, "value": value})
+        row = ev[2]
+        if (row[5] != reason or row[1] != rip or row[3] != port or row[2] != value or row[7] != size
+                or row[6] != direction):
+            rec = exit_dict(ev[1], row)
+            actual = {"reason": reason, "rip": rip, "port": port, "dir": direction, "size": size, "value": value}
+            diff_e = {f: rec[f] for f in EXIT_FIELDS if rec[f] != actual[f]}
+            diff_a = {f: actual[f] for f in diff_e}
+            name = EXIT_REASON_NAMES.get(reason, str(reason))
+            self._diverge(cpu, f"exit #{ev[1]} differs ({name} exit; " +
+                          ", ".join(f"{f}: recorded {_fmt(diff_e[f])}, replay {_fmt(diff_a[f])}" for f in diff_e) + ")",
+                          rec, dict(actual, k="exit", cpu=cpu), seq=ev[1])
+        self.exits += 1
+        self._matched(cpu, ev)
+        return ev[1]
+
+    def event(self, kind: str, cpu: int, t_ns: int, **fields) -> int:
+        if kind not in COMPARED_KINDS:
+            return -1
+        actual = dict(fields, k=kind, cpu=cpu)
+        ev = self._next(cpu, kind, actual)
+        rec = ev[2]
+        if kind == "hypercall":
+            keys = HYPERCALL_FIELDS
+        elif kind == "mmio":
+            keys = MMIO_FIELDS
+        else:
+            keys = ("state",)
+        diff = [k for k in keys if _norm(rec.get(k)) != _norm(fields.get(k))]
+        if diff:
+            what = f"{kind} {rec.get('call', '')}".strip()
+            self._diverge(cpu, f"{what} #{ev[1]} differs in " + ", ".join(diff),
+                          {k: _plain(rec.get(k)) for k in diff} | {"seq": ev[1]},
+                          {k: _plain(fields.get(k)) for k in diff}, seq=ev[1])
+        self._matched(cpu, ev)
+        return ev[1]
+
+    def leftover(self) -> dict[int, list[dict]]:
+        """Recorded exits/hypercalls never replayed, per vCPU (vcpu stop events excluded)."""
+        out = {}
+        for cpu, s in self.streams.items():
+            rest = [e for e in s.rest() if e[0] != "vcpu"]
+            if rest:
+                out[cpu] = [_summary(e) for e in rest[:5]] + ([{"more": len(rest) - 5}] if len(rest) > 5 else [])
+        return out
+
+
+def _norm(v):
+    if isinstance(v, (bytearray, memoryview)):
+        return bytes(v)
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _fmt(v) -> str:
+    return f"{v:#x}" if isinstance(v, int) and v > 9 else str(v)

@@ -1,0 +1,301 @@
+"""Re-execution of a recorded run under KVM, with divergence detection, callbacks and pausing.
+
+    r = replay.Replayer("run.tvt")
+    r.on("hypercall", lambda ev: print(ev.seq, ev["call"], ev.regs["rip"]))
+    result = r.run()
+
+    r = replay.Replayer("run.tvt")
+    r.run_to(120)                 # paused after recorded event #120 was replayed
+    r.registers()["rip"], r.memory.read(0x400000, 16), print(r.memory.dump(0x400000, 64))
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tracevisor.errors import LoaderError, TracevisorError
+from tracevisor.hostio import Console
+from tracevisor.loader import load_kernel
+from tracevisor.machine import STATUS_DIVERGED, Machine, StopInfo, VmConfig
+from tracevisor.trace import open_trace
+
+from .backend import ReplayingHostIO
+from .checker import Checker, exit_dict
+
+KINDS = ("exit", "hypercall", "vcpu", "mmio", "event")
+
+
+class ReadOnlyMemory:
+    """Guest memory as callbacks and paused replays see it: reads only."""
+
+    def __init__(self, memory, machine: Machine | None = None, cpu: int = 0) -> None:
+        self._m = memory
+        self._machine = machine
+        self._cpu = cpu
+        self.size = memory.size
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return self._m.read(gpa, length)
+
+    def read_u32(self, gpa: int) -> int:
+        return self._m.read_u32(gpa)
+
+    def read_u64(self, gpa: int) -> int:
+        return self._m.read_u64(gpa)
+
+    def read_cstr(self, gpa: int, limit: int = 4096) -> bytes:
+        return self._m.read_cstr(gpa, limit)
+
+    def read_virt(self, va: int, length: int) -> bytes:
+        """Read through the vCPU's current page tables."""
+        cr3 = self._machine.vcpus[self._cpu].vcpu.get_sregs().cr3
+        return self._m.read_virt(va, length, cr3)
+
+    def dump(self, gpa: int, length: int) -> str:
+        """A hexdump (offset, 16 bytes in hex, ASCII) of guest-physical [gpa, gpa+length)."""
+        data = self._m.read(gpa, length)
+        lines = []
+        for off in range(0, len(data), 16):
+            row = data[off:off + 16]
+            hexpart = " ".join(f"{b:02x}" for b in row)
+            text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+            lines.append(f"{gpa + off:016x}  {hexpart:<47}  |{text}|")
+        return "\n".join(lines)
+
+
+class ReplayEvent:
+    """What a callback receives: the recorded event, and the machine state at that point."""
+
+    __slots__ = ("kind", "seq", "cpu", "fields", "_replayer")
+
+    def __init__(self, replayer: "Replayer", cpu: int, ev: tuple) -> None:
+        self.kind, self.seq, payload = ev
+        self.cpu = cpu
+        self.fields = exit_dict(self.seq, payload) if self.kind == "exit" else payload
+        self._replayer = replayer
+
+    def __getitem__(self, key):
+        return self.fields[key]
+
+    def get(self, key, default=None):
+        return self.fields.get(key, default)
+
+    @property
+    def regs(self) -> dict:
+        """General registers of this vCPU now (callbacks run on the vCPU's thread, between exits)."""
+        return self._replayer.machine.vcpus[self.cpu].vcpu.get_regs().as_dict()
+
+    @property
+    def sregs(self) -> dict:
+        s = self._replayer.machine.vcpus[self.cpu].vcpu.get_sregs()
+        return {"cr0": s.cr0, "cr2": s.cr2, "cr3": s.cr3, "cr4": s.cr4, "efer": s.efer}
+
+    @property
+    def memory(self) -> ReadOnlyMemory:
+        return ReadOnlyMemory(self._replayer.machine.memory, self._replayer.machine, self.cpu)
+
+    def pause(self) -> None:
+        """Pause the replay once this event has been handled; :meth:`Replayer.run` resumes it."""
+        self._replayer._pause(self.cpu)
+
+    def stop(self) -> None:
+        """End the replay here (the result reports reason "stopped")."""
+        self._replayer.checker.stopped_by_callback = True
+        self._replayer._pause(self.cpu, "stopped by a callback")
+
+    def __repr__(self) -> str:
+        return f"ReplayEvent({self.kind} #{self.seq} cpu{self.cpu} {self.fields})"
+
+
+@dataclass
+class ReplayResult:
+    status: int  # process exit status for the CLI
+    reason: str  # exit | diverged | paused | stopped | end-of-trace | fault | ...
+    matched: int  # recorded events reproduced
+    exits: int
+    code: int | None
+    recorded_code: int | None
+    recorded_reason: str | None
+    verified: bool
+    message: str
+    report: dict = field(default_factory=dict)
+    stop: StopInfo | None = None
+
+    def as_dict(self) -> dict:
+        return {"status": self.status, "reason": self.reason, "matched": self.matched, "exits": self.exits,
+                "code": self.code, "recorded_code": self.recorded_code, "recorded_reason": self.recorded_reason,
+                "verified": self.verified, "message": self.message, "report": self.report}
+
+
+class Replayer:
+    """Re-executes a trace.  ``kernel`` overrides the recorded kernel path; ``force`` accepts a kernel whose
+    SHA-256 differs (divergence detection then shows where it matters)."""
+
+    def __init__(self, path: str | os.PathLike, kernel: str | None = None, force: bool = False,
+                 quiet: bool = True) -> None:
+        self.path = os.fspath(path)
+        reader = open_trace(self.path)
+        self.header = reader.header
+        self.complete = reader.complete
+        self.recorded_stop = (reader.footer or {}).get("stop")
+        if self.recorded_stop is None:
+            for ev in reader.events(kinds=["stop"]):
+                self.recorded_stop = ev
+        self.warnings = list(reader.warnings)
+        reader.close()
+        h = self.header
+        kinfo = h.get("kernel") or {}
+        kpath = kernel or kinfo.get("path")
+        if not kpath:
+            raise TracevisorError(f"{self.path} names no kernel; pass --kernel PATH")
+        try:
+            self.image = load_kernel(kpath, int(h["memory"]))
+        except LoaderError as e:
+            if not kernel and not os.path.exists(kpath):
+                raise TracevisorError(f"the recorded kernel {kpath} is not there; pass --kernel PATH") from None
+            raise e
+        if self.image.sha256 != kinfo.get("sha256") and not force:
+            raise TracevisorError(
+                f"kernel {kpath} differs from the recorded one (sha256 {self.image.sha256[:16]}… vs "
+                f"{str(kinfo.get('sha256'))[:16]}…); use --force to replay it anyway and let divergence "
+                "detection show where it matters")
+        opts = h.get("options") or {}
+        self.config = VmConfig(kernel=kpath, memory=int(h["memory"]), cpus=int(h["cpus"]),
+                               verbose=bool(opts.get("verbose")), pit=bool(opts.get("pit")),
+                               cpuid_rows=h.get("cpuid"),
+                               stagger_s=float(opts.get("stagger_s", 0.05)))
+        self.quiet = quiet
+        self.machine: Machine | None = None
+        self.checker: Checker | None = None
+        self.hostio: ReplayingHostIO | None = None
+        self._callbacks: dict[str, list[Callable]] = {}
+        self.result: ReplayResult | None = None
+        self._pause_message = "paused"
+
+    # -- API -------------------------------------------------------------------------------------
+    def on(self, kind: str, fn: Callable[[ReplayEvent], object]) -> "Replayer":
+        """Call ``fn(event)`` for each replayed event of ``kind`` (exit, hypercall, vcpu, mmio or event=all)."""
+        if kind not in KINDS:
+            raise TracevisorError(f"unknown callback kind {kind!r}; use one of {', '.join(KINDS)}")
+        self._callbacks.setdefault(kind, []).append(fn)
+        if self.checker is not None:
+            self.checker.callbacks = self._callbacks
+        return self
+
+    def run(self) -> ReplayResult:
+        """Replay to the end (or to the next pause), then return the result."""
+        if self.checker is not None:
+            self.checker.until = None
+        return self._go()
+
+    def run_to(self, seq: int) -> ReplayResult:
+        """Replay until recorded event ``seq`` has been reproduced, then pause (VM kept for inspection)."""
+        self._prepare()
+        if seq <= self.checker.position:
+            raise TracevisorError(f"already past event {seq} (at {self.checker.position}); "
+                                  "replay forward only here (seek/step_back need checkpoints)")
+        self.checker.until = seq
+        return self._go()
+
+    @property
+    def position(self) -> int:
+        return self.checker.position if self.checker else -1
+
+    def registers(self, cpu: int = 0) -> dict:
+        self._require_paused()
+        return self.machine.vcpus[cpu].vcpu.get_regs().as_dict()
+
+    @property
+    def memory(self) -> ReadOnlyMemory:
+        self._require_paused()
+        return ReadOnlyMemory(self.machine.memory, self.machine, 0)
+
+    def close(self) -> None:
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None
+
+    def __enter__(self) -> "Replayer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _require_paused(self) -> None:
+        if self.machine is None:
+            raise TracevisorError("the replay has not started; call run_to(N) first")
+
+    def _prepare(self) -> None:
+        if self.machine is not None:
+            return
+        self.machine = Machine(self.config, self.image)
+        self.machine.log = lambda msg: None if self.quiet else print(f"tracevisor: {msg}")
+        self.hostio = ReplayingHostIO(self.path, self.config.cpus, Console(quiet=self.quiet))
+        self.checker = Checker(self.path, self.config.cpus)
+        self.checker.callbacks = self._callbacks
+        self.checker.on_pause = self._pause
+        self.checker.make_event = lambda cpu, ev: ReplayEvent(self, cpu, ev)
+
+    def _pause(self, cpu: int, message: str | None = None) -> None:
+        self.checker.until = None
+        self.machine.request_pause(self.machine.vcpus[cpu],
+                                   message or f"paused after event #{self.checker.position}")
+
+    def _go(self) -> ReplayResult:
+        self._prepare()
+        m = self.machine
+        if m.stop_info is None:
+            info = m.run(self.hostio, trace=self.checker)
+        elif m.stop_info.reason == "paused" and not self.checker.stopped_by_callback:
+            info = m.resume()
+        else:
+            return self.result
+        self.result = self._result(info)
+        return self.result
+
+    def _result(self, info: StopInfo) -> ReplayResult:
+        rec = self.recorded_stop or {}
+        rec_code, rec_reason = rec.get("code"), rec.get("reason")
+        c = self.checker
+        base = dict(matched=c.matched, exits=c.exits, code=info.code, recorded_code=rec_code,
+                    recorded_reason=rec_reason, stop=info)
+        if info.reason == "paused":
+            reason = "stopped" if c.stopped_by_callback else "paused"
+            return ReplayResult(status=0, reason=reason, verified=False,
+                                message=f"replay {reason} after recorded event #{c.position} "
+                                        f"({c.matched} events matched)", **base)
+        if info.reason == "diverged":
+            report = dict(info.report)
+            if not self.complete and report.get("expected") is None:
+                return ReplayResult(status=0, reason="end-of-trace", verified=False,
+                                    message=f"reached the end of an incomplete recording after {c.matched} "
+                                            "matching events (the recorder did not finish)", report=report,
+                                    **base)
+            return ReplayResult(status=STATUS_DIVERGED, reason="diverged", verified=False,
+                                message=info.message, report=report, **base)
+        if info.reason == "exit":
+            left = c.leftover()
+            ending_cpu = info.cpu if info.cpu is not None else 0
+            if ending_cpu in left:
+                return ReplayResult(status=STATUS_DIVERGED, reason="diverged", verified=False,
+                                    message=f"the replayed guest exited (code {info.code}) before the "
+                                            f"recording did: recorded events remain on vCPU {ending_cpu}",
+                                    report={"leftover": left}, **base)
+            if rec_reason == "exit" and rec_code == info.code:
+                return ReplayResult(status=info.status, reason="exit", verified=True,
+                                    message=f"replay verified: {c.matched} events matched ({c.exits} exits), "
+                                            f"exit code {info.code} identical to the recording", **base)
+            return ReplayResult(status=STATUS_DIVERGED, reason="diverged", verified=False,
+                                message=f"the replay exited with code {info.code}, the recording ended with "
+                                        f"{rec_reason} (code {rec_code})", **base)
+        # A fault/hang/timeout in the replay: verified if the recording ended the same way.
+        same = rec_reason == info.reason and not c.leftover().get(info.cpu or 0)
+        if same:
+            return ReplayResult(status=info.status, reason=info.reason, verified=True,
+                                message=f"replay verified: {c.matched} events matched; the guest stopped "
+                                        f"with {info.reason} as in the recording", report=info.report, **base)
+        return ReplayResult(status=info.status, reason=info.reason, verified=False,
+                            message=info.message, report=info.report, **base)
