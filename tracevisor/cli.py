@@ -349,6 +349,8 @@ def cmd_info(ns: argparse.Namespace) -> int:
 
     reader = _open_trace(ns.trace)
     print(info_text(reader))
+    for _ in reader.chunks():  # check every chunk's CRC so damage is reported, not just the footer's word
+        pass
     _print_warnings(reader)
     return 0
 
