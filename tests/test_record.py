@@ -122,16 +122,18 @@ def test_record_killed_leaves_readable_trace(tmp_path, guests):
     assert len(seqs) > 4096 and seqs == list(range(len(seqs)))
 
 
-def test_sigterm_finishes_chunk_and_footer(tmp_path, guests):
+@pytest.mark.parametrize("sig,status,reason", [(signal.SIGTERM, 143, "terminated"),
+                                               (signal.SIGINT, 130, "interrupted")])
+def test_signal_finishes_chunk_and_footer(tmp_path, guests, sig, status, reason):
     out = tmp_path / "term.tvt"
     p = subprocess.Popen([sys.executable, "-m", "tracevisor", "record", "-q", "-o", str(out),
                           str(guests["compute"]), "1000000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(2.0)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=30)
-    assert p.returncode == 143 and b"Traceback" not in err
+    assert p.returncode == status and b"Traceback" not in err
     reader = open_trace(out)
-    assert reader.complete and reader.footer["stop"]["reason"] == "terminated"
+    assert reader.complete and reader.footer["stop"]["reason"] == reason
     assert reader.footer["events"] == len(list(reader.events()))
 
 
