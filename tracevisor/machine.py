@@ -174,6 +174,7 @@ class Machine:
         self.hostio = None
         self.trace = None
         self.stop_info: StopInfo | None = None
+        self.booted = False
         self._stop_lock = threading.Lock()
         self._stopping = threading.Event()
         self._unknown_in_logged: set[int] = set()
@@ -277,22 +278,30 @@ class Machine:
     # -- running -----------------------------------------------------------------------------------
     def run(self, hostio, trace=None) -> StopInfo:
         """Boot and run until the guest exits or is stopped; returns why it stopped."""
-        self.hostio = hostio
-        self.trace = trace
         try:
-            self._boot()
+            self.boot(hostio, trace)
         except GuestError as e:  # cannot happen with a validated image, but never a traceback
             return StopInfo("error", STATUS_ERROR, f"boot failed: {e}")
         return self._execute()
 
+    def boot(self, hostio, trace=None) -> None:
+        """Lay out memory and vCPU state without running (a debugger attaches here, then resume())."""
+        self.hostio = hostio
+        self.trace = trace
+        self._boot()
+        self.booted = True
+
     def resume(self) -> StopInfo:
-        """Continue a VM that stopped with reason "paused"."""
-        if self.stop_info is None or self.stop_info.reason != "paused":
-            raise TracevisorError("the VM is not paused")
-        self.stop_info = None
-        self._stopping.clear()
-        for v in self.vcpus:
-            v.stop_request = None
+        """Run a booted VM that has not started yet, or continue one that stopped with reason "paused"."""
+        if not self.booted:
+            raise TracevisorError("the VM has not been booted")
+        if self.stop_info is not None:
+            if self.stop_info.reason != "paused":
+                raise TracevisorError(f"the VM has stopped ({self.stop_info.reason}); it cannot continue")
+            self.stop_info = None
+            self._stopping.clear()
+            for v in self.vcpus:
+                v.stop_request = None
         return self._execute()
 
     def request_pause(self, v: "VcpuState", message: str = "paused") -> None:
@@ -511,6 +520,9 @@ class Machine:
                             h(v, 2, rip, port, 0, size, value)
             else:
                 rip = t[6]
+                if reason == 4:  # KVM_EXIT_DEBUG: a debugger's breakpoint or step, not guest behaviour
+                    self._debug_exit(v, rip)
+                    continue
                 if trace_exit is not None:
                     trace_exit(cpu, now(), reason, rip, 0, 0, 0, 0)
                 if hooks:
@@ -580,6 +592,13 @@ class Machine:
             self.log(f"vCPU {v.cpu} read unknown I/O port {port:#x} (size {size}) at rip {rip:#x}; "
                      "answered all-ones")
         return 0xFFFF_FFFF
+
+    def _debug_exit(self, v: VcpuState, rip: int) -> None:
+        """A single-step or hardware-breakpoint exit: pause the VM; the debugger decides what is next."""
+        d = v.vcpu.run.exit.debug
+        raise VmStop(StopInfo("paused", 0, f"debug stop at {d.pc:#x}", cpu=v.cpu,
+                              report={"debug": {"pc": d.pc, "rip": rip, "dr6": d.dr6, "dr7": d.dr7,
+                                                "exception": d.exception}}))
 
     def _other_exit(self, v: VcpuState, reason: int, rip: int) -> None:
         run = v.vcpu.run
