@@ -87,6 +87,14 @@ class ReplayingHostIO(HostIO):
     def close_all(self):
         self.console_out.flush()
 
+    def save(self) -> dict:
+        return {"consumed": {c: s.consumed for c, s in self.streams.items()}, "answered": self.answered}
+
+    def load(self, path: str, st: dict) -> None:
+        self.answered = st["answered"]
+        for c, n in st["consumed"].items():
+            self.streams[c] = CpuStream.at(path, c, {"hostio"}, n)
+
     def leftover(self) -> dict[int, int]:
         """Recorded host requests never asked for, per vCPU."""
         return {cpu: len(s.rest()) for cpu, s in self.streams.items()}

@@ -60,6 +60,9 @@ class Checker:
         self.on_pause: Callable[[int], None] | None = None  # set by the Replayer: pause(cpu)
         self.make_event: Callable | None = None  # set by the Replayer: builds the callback's event object
         self.stopped_by_callback = False
+        self.checkpoint_every = 0  # exits between checkpoints (0 = none)
+        self.on_checkpoint: Callable[[int], None] | None = None
+        self._since_checkpoint = 0
 
     # -- helpers -----------------------------------------------------------------------------------
     def _diverge(self, cpu: int, message: str, expected: dict | None, actual: dict, seq=None) -> None:
@@ -117,6 +120,11 @@ class Checker:
                           rec, dict(actual, k="exit", cpu=cpu), seq=ev[1])
         self.exits += 1
         self._matched(cpu, ev)
+        if self.checkpoint_every:
+            self._since_checkpoint += 1
+            if self._since_checkpoint >= self.checkpoint_every:
+                self._since_checkpoint = 0
+                self.on_checkpoint(cpu)
         return ev[1]
 
     def event(self, kind: str, cpu: int, t_ns: int, **fields) -> int:
@@ -139,6 +147,22 @@ class Checker:
                           {k: _plain(fields.get(k)) for k in diff}, seq=ev[1])
         self._matched(cpu, ev)
         return ev[1]
+
+    def save(self) -> dict:
+        """Where the checker stands (for a checkpoint)."""
+        return {"matched": self.matched, "exits": self.exits, "position": self.position,
+                "last": {c: list(d) for c, d in self.last.items()},
+                "consumed": {c: s.consumed for c, s in self.streams.items()},
+                "since": self._since_checkpoint}
+
+    def load(self, path: str, st: dict) -> None:
+        self.matched, self.exits, self.position = st["matched"], st["exits"], st["position"]
+        self._since_checkpoint = st["since"]
+        for c, items in st["last"].items():
+            self.last[c].clear()
+            self.last[c].extend(items)
+        for c, n in st["consumed"].items():
+            self.streams[c] = CpuStream.at(path, c, COMPARED_KINDS, n)
 
     def leftover(self) -> dict[int, list[dict]]:
         """Recorded exits/hypercalls never replayed, per vCPU (vcpu stop events excluded)."""

@@ -134,7 +134,7 @@ class Replayer:
     SHA-256 differs (divergence detection then shows where it matters)."""
 
     def __init__(self, path: str | os.PathLike, kernel: str | None = None, force: bool = False,
-                 quiet: bool = True) -> None:
+                 quiet: bool = True, checkpoint_every: int = 0, max_checkpoints: int = 64) -> None:
         self.path = os.fspath(path)
         reader = open_trace(self.path)
         self.header = reader.header
@@ -167,6 +167,11 @@ class Replayer:
                                cpuid_rows=h.get("cpuid"),
                                stagger_s=float(opts.get("stagger_s", 0.05)))
         self.quiet = quiet
+        self.checkpoint_every = checkpoint_every
+        self.max_checkpoints = max_checkpoints
+        self.store = None  # CheckpointStore, when time travel is on
+        self._want_checkpoint = False
+        self._user_pause = False
         self.machine: Machine | None = None
         self.checker: Checker | None = None
         self.hostio: ReplayingHostIO | None = None
@@ -198,6 +203,60 @@ class Replayer:
                                   "replay forward only here (seek/step_back need checkpoints)")
         self.checker.until = seq
         return self._go()
+
+    def seek(self, seq: int) -> ReplayResult:
+        """Move to just after recorded event ``seq`` — forward by replaying, backward by restoring the
+        nearest earlier checkpoint and replaying from there (needs ``checkpoint_every``)."""
+        self._prepare()
+        self._boot()
+        if seq == self.checker.position:
+            return self._paused_result()
+        if seq < self.checker.position or self.machine.stop_info is None or \
+                self.machine.stop_info.reason != "paused":
+            if self.store is None:
+                raise TracevisorError("seeking backwards needs checkpoints: Replayer(path, checkpoint_every=N)")
+            i = self.store.latest_at_or_before(seq)
+            cp = self.store.restore(i)
+            self.checker.load(self.path, cp.extra["checker"])
+            self.hostio.load(self.path, cp.extra["hostio"])
+            self.checker.stopped_by_callback = False
+            self.machine.stop_info = StopInfo("paused", 0, f"restored checkpoint at #{cp.position}")
+            if cp.position >= seq:
+                return self._paused_result()
+        return self.run_to(seq)
+
+    def step_back(self) -> ReplayResult:
+        """Go back to the exit before the current position."""
+        self._prepare()
+        target = self._exit_before(self.checker.position)
+        if target is None:
+            raise TracevisorError("already at the first exit")
+        return self.seek(target)
+
+    def _exit_before(self, seq: int) -> int | None:
+        import bisect
+
+        reader = open_trace(self.path)
+        try:
+            refs = reader.chunk_index
+            for i in range(len(refs) - 1, -1, -1):
+                chunk = reader.chunk(i)
+                if chunk is None or chunk.seq0 >= seq:
+                    continue
+                seqs = list(chunk.exit_seqs())
+                j = bisect.bisect_left(seqs, seq)
+                if j > 0:
+                    return seqs[j - 1]
+            return None
+        finally:
+            reader.close()
+
+    def _paused_result(self) -> ReplayResult:
+        c = self.checker
+        rec = self.recorded_stop or {}
+        return ReplayResult(status=0, reason="paused", matched=c.matched, exits=c.exits, code=None,
+                            recorded_code=rec.get("code"), recorded_reason=rec.get("reason"), verified=False,
+                            message=f"paused after recorded event #{c.position}", stop=self.machine.stop_info)
 
     @property
     def position(self) -> int:
@@ -238,21 +297,51 @@ class Replayer:
         self.checker.callbacks = self._callbacks
         self.checker.on_pause = self._pause
         self.checker.make_event = lambda cpu, ev: ReplayEvent(self, cpu, ev)
+        if self.checkpoint_every:
+            if self.config.cpus != 1:
+                raise TracevisorError("time travel (checkpoints) supports single-vCPU traces only")
+            self.checker.checkpoint_every = self.checkpoint_every
+            self.checker.on_checkpoint = self._checkpoint_request
+
+    def _boot(self) -> None:
+        m = self.machine
+        if m.booted:
+            return
+        m.boot(self.hostio, trace=self.checker)
+        if self.checkpoint_every:
+            from tracevisor.checkpoint import CheckpointStore
+
+            self.store = CheckpointStore(m, self.max_checkpoints)
+            self._take_checkpoint()
+
+    def _take_checkpoint(self) -> None:
+        self.store.take(self.checker.position, {"checker": self.checker.save(), "hostio": self.hostio.save()})
+
+    def _checkpoint_request(self, cpu: int) -> None:
+        self._want_checkpoint = True
+        self.machine.request_pause(self.machine.vcpus[cpu], "checkpoint")
 
     def _pause(self, cpu: int, message: str | None = None) -> None:
         self.checker.until = None
+        self._user_pause = True
         self.machine.request_pause(self.machine.vcpus[cpu],
                                    message or f"paused after event #{self.checker.position}")
 
     def _go(self) -> ReplayResult:
         self._prepare()
+        self._boot()
         m = self.machine
-        if m.stop_info is None:
-            info = m.run(self.hostio, trace=self.checker)
-        elif m.stop_info.reason == "paused" and not self.checker.stopped_by_callback:
-            info = m.resume()
-        else:
+        if m.stop_info is not None and (m.stop_info.reason != "paused" or self.checker.stopped_by_callback):
             return self.result
+        while True:
+            self._user_pause = False
+            info = m.resume()
+            if info.reason == "paused" and self._want_checkpoint:
+                self._want_checkpoint = False
+                self._take_checkpoint()
+                if not self._user_pause:
+                    continue
+            break
         self.result = self._result(info)
         return self.result
 

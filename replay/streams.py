@@ -56,6 +56,15 @@ class CpuStream:
         self._peeked: tuple | None = None
         self.consumed = 0
 
+    @classmethod
+    def at(cls, path: str, cpu: int, kinds: set[str], consumed: int) -> "CpuStream":
+        """A stream positioned after its first ``consumed`` events (restoring a checkpoint)."""
+        s = cls(path, cpu, kinds)
+        for _ in range(consumed):
+            if s.next() is None:
+                break
+        return s
+
     def next(self) -> tuple | None:
         """The next event, or None at the end of the recording."""
         if self._peeked is not None:

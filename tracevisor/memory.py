@@ -40,6 +40,7 @@ class GuestMemory:
         self._anchor = ctypes.c_char.from_buffer(self._mm)
         self.host_address = ctypes.addressof(self._anchor)
         self._mv = memoryview(self._mm)
+        self.host_dirty: set[int] | None = None  # pages written by the host, when tracking (checkpoints)
 
     # -- checks ----------------------------------------------------------------------------------
     def check(self, gpa: int, length: int, what: str = "guest buffer") -> None:
@@ -56,14 +57,22 @@ class GuestMemory:
         self.check(gpa, length, what)
         return self._mm[gpa:gpa + length]
 
+    def _mark(self, gpa: int, n: int) -> None:
+        if n:
+            self.host_dirty.update(range(gpa >> 12, ((gpa + n - 1) >> 12) + 1))
+
     def write(self, gpa: int, data: bytes | bytearray | memoryview, what: str = "guest buffer") -> None:
         n = len(data)
         self.check(gpa, n, what)
         self._mv[gpa:gpa + n] = data
+        if self.host_dirty is not None:
+            self._mark(gpa, n)
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         self.check(gpa, length)
         ctypes.memset(self.host_address + gpa, byte, length)
+        if self.host_dirty is not None:
+            self._mark(gpa, length)
 
     def read_u16(self, gpa: int, what: str = "guest u16") -> int:
         self.check(gpa, 2, what)
@@ -79,14 +88,20 @@ class GuestMemory:
 
     def write_u16(self, gpa: int, value: int) -> None:
         self.check(gpa, 2)
+        if self.host_dirty is not None:
+            self._mark(gpa, 2)
         _U16.pack_into(self._mm, gpa, value & 0xFFFF)
 
     def write_u32(self, gpa: int, value: int) -> None:
         self.check(gpa, 4)
+        if self.host_dirty is not None:
+            self._mark(gpa, 4)
         _U32.pack_into(self._mm, gpa, value & 0xFFFF_FFFF)
 
     def write_u64(self, gpa: int, value: int) -> None:
         self.check(gpa, 8)
+        if self.host_dirty is not None:
+            self._mark(gpa, 8)
         _U64.pack_into(self._mm, gpa, value & 0xFFFF_FFFF_FFFF_FFFF)
 
     def read_cstr(self, gpa: int, limit: int = 4096, what: str = "string") -> bytes:
@@ -100,6 +115,12 @@ class GuestMemory:
                                  gpa=gpa)
             raise GuestError(f"{what} at {gpa:#x} is longer than {limit} bytes (no NUL found)", gpa=gpa)
         return self._mm[gpa:nul]
+
+    def page(self, pfn: int) -> bytes:
+        return self._mm[pfn << 12:(pfn + 1) << 12]
+
+    def put_page(self, pfn: int, data: bytes) -> None:
+        self._mv[pfn << 12:(pfn + 1) << 12] = data
 
     def snapshot(self) -> bytes:
         """A copy of all of RAM (checkpoints, tests)."""
@@ -165,6 +186,8 @@ class GuestMemory:
         pos = 0
         for gpa, n in self.virt_ranges(va, len(data), cr3, paging, what):
             self._mv[gpa:gpa + n] = data[pos:pos + n]
+            if self.host_dirty is not None:
+                self._mark(gpa, n)
             pos += n
 
     def close(self) -> None:

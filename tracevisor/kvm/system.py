@@ -114,10 +114,17 @@ class Vm:
         self.fd = fd
         self.vcpus: list[Vcpu] = []
 
-    def set_memory_region(self, slot: int, gpa: int, size: int, host_addr: int) -> None:
-        region = U.kvm_userspace_memory_region(slot=slot, flags=0, guest_phys_addr=gpa,
+    def set_memory_region(self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0) -> None:
+        region = U.kvm_userspace_memory_region(slot=slot, flags=flags, guest_phys_addr=gpa,
                                                memory_size=size, userspace_addr=host_addr)
         _ioctl(self.fd, U.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def get_dirty_log(self, slot: int, pages: int) -> bytes:
+        """The slot's dirty-page bitmap since the last call (bit i = page i), and reset it."""
+        bitmap = C.create_string_buffer(((pages + 63) // 64) * 8)
+        log = U.kvm_dirty_log(slot=slot, dirty_bitmap=C.addressof(bitmap))
+        _ioctl(self.fd, U.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+        return bitmap.raw
 
     def create_irqchip(self) -> None:
         _ioctl(self.fd, U.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
@@ -239,6 +246,14 @@ class Vcpu:
 
     def set_vcpu_events(self, ev: U.kvm_vcpu_events) -> None:
         _ioctl(self.fd, U.KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
+
+    def get_lapic(self) -> U.kvm_lapic_state:
+        st = U.kvm_lapic_state()
+        _ioctl(self.fd, U.KVM_GET_LAPIC, st, "KVM_GET_LAPIC")
+        return st
+
+    def set_lapic(self, st: U.kvm_lapic_state) -> None:
+        _ioctl(self.fd, U.KVM_SET_LAPIC, st, "KVM_SET_LAPIC")
 
     def set_guest_debug(self, control: int, debugregs: list[int] | None = None) -> None:
         dbg = U.kvm_guest_debug(control=control)

@@ -162,6 +162,14 @@ class kvm_pit_config(Struct):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
 
+class kvm_dirty_log(Struct):
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
+
+
+class kvm_lapic_state(Struct):
+    _fields_ = [("regs", C.c_char * 1024)]
+
+
 class kvm_vcpu_events(Struct):
     # Kept opaque: saved and restored as a whole (checkpoints); only its size matters here.
     _fields_ = [("raw", u8 * 64)]
@@ -237,6 +245,7 @@ KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, kvm_cpuid2_header)
 
 KVM_CREATE_VCPU = _io(0x41)
+KVM_GET_DIRTY_LOG = _iow(0x42, kvm_dirty_log)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, u64)
@@ -250,6 +259,8 @@ KVM_GET_SREGS = _ior(0x83, kvm_sregs)
 KVM_SET_SREGS = _iow(0x84, kvm_sregs)
 KVM_GET_MSRS = _iowr(0x88, kvm_msrs_header)
 KVM_SET_MSRS = _iow(0x89, kvm_msrs_header)
+KVM_GET_LAPIC = _ior(0x8E, kvm_lapic_state)
+KVM_SET_LAPIC = _iow(0x8F, kvm_lapic_state)
 KVM_GET_FPU = _ior(0x8C, kvm_fpu)
 KVM_SET_FPU = _iow(0x8D, kvm_fpu)
 KVM_SET_CPUID2 = _iow(0x90, kvm_cpuid2_header)
@@ -283,6 +294,8 @@ KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK = 1 << 1
 KVM_SYNC_X86_REGS = 1 << 0
 KVM_SYNC_X86_SREGS = 1 << 1
 KVM_SYNC_X86_EVENTS = 1 << 2
+
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 
 KVM_MP_STATE_RUNNABLE = 0
 KVM_MP_STATE_UNINITIALIZED = 1

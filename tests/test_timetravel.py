@@ -1,0 +1,82 @@
+"""Time travel over replays: checkpoints, seek backwards, step_back — state equals the recorded run's."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+import replay
+from helpers import run_cli
+from tracevisor.errors import TracevisorError
+from tracevisor.trace import open_trace
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture(scope="module")
+def compute_trace(guests, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tt") / "compute.tvt"
+    r = run_cli("record", "-q", "--no-host-env", "-o", str(out), str(guests["compute"]), "3000")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def exit_seqs(path):
+    return [e["seq"] for e in open_trace(path).events(kinds=["exit"])]
+
+
+def state(r):
+    regs = r.registers()
+    mem = hashlib.sha256(r.machine.memory.snapshot()).hexdigest()
+    return regs, mem
+
+
+def test_seek_back_matches_a_fresh_replay(compute_trace):
+    seqs = exit_seqs(compute_trace)
+    a, b = seqs[700], seqs[2600]
+    with replay.Replayer(compute_trace, checkpoint_every=500) as fresh:
+        fresh.run_to(a)
+        want = state(fresh)
+    with replay.Replayer(compute_trace, checkpoint_every=500) as r:
+        r.run_to(b)
+        assert r.position == b
+        assert len(r.store.checkpoints) >= 5
+        res = r.seek(a)
+        assert res.reason == "paused" and r.position == a
+        assert state(r) == want
+        # forward again, to the end, still verified against the recording
+        res = r.run()
+        assert res.verified and res.code == 0
+
+
+def test_step_back_one_exit_at_a_time(compute_trace):
+    seqs = exit_seqs(compute_trace)
+    i = 1234
+    with replay.Replayer(compute_trace, checkpoint_every=400) as fresh:
+        fresh.run_to(seqs[i - 1])
+        want_prev = state(fresh)
+    with replay.Replayer(compute_trace, checkpoint_every=400) as r:
+        r.run_to(seqs[i])
+        r.step_back()
+        assert r.position == seqs[i - 1]
+        assert state(r) == want_prev
+        r.step_back()
+        assert r.position == seqs[i - 2]
+
+
+def test_seek_after_the_guest_exited(compute_trace):
+    seqs = exit_seqs(compute_trace)
+    with replay.Replayer(compute_trace, checkpoint_every=1000) as r:
+        assert r.run().verified
+        r.seek(seqs[10])
+        assert r.position == seqs[10]
+        assert r.run().verified
+
+
+def test_backwards_without_checkpoints_is_a_clear_error(compute_trace):
+    seqs = exit_seqs(compute_trace)
+    with replay.Replayer(compute_trace) as r:
+        r.run_to(seqs[50])
+        with pytest.raises(TracevisorError, match="checkpoint"):
+            r.seek(seqs[10])
