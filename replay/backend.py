@@ -7,6 +7,8 @@ result.  A request that differs (another operation, path, fd or length) is a div
 
 from __future__ import annotations
 
+import functools
+
 from tracevisor.errors import Divergence
 from tracevisor.hostio import Console, HostIO
 
@@ -80,6 +82,9 @@ class ReplayingHostIO(HostIO):
 
     def console(self, cpu, stream, data):
         self.console_out.write(stream, data)
+
+    def console_sink(self, cpu, stream):
+        return functools.partial(self.console_out.write, stream)
 
     def flush(self):
         self.console_out.flush()

@@ -14,6 +14,7 @@ Results follow uhyve 0.2.1: raw values, -1 on any error (errno is not passed to 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import sys
 import threading
@@ -63,6 +64,11 @@ class HostIO:
     def console(self, cpu: int, stream: str, data: bytes) -> None:
         """Guest output: stream is "uart", "stdout" or "stderr".  Not an input; never fails."""
         raise NotImplementedError
+
+    def console_sink(self, cpu: int, stream: str):
+        """A callable ``sink(data)`` equivalent to ``console(cpu, stream, data)``; backends may return a
+        faster one (the UART path calls it once per exit)."""
+        return lambda data: self.console(cpu, stream, data)
 
     def flush(self) -> None:
         """Flush buffered console output."""
@@ -240,6 +246,9 @@ class LiveHostIO(HostIO):
     def console(self, cpu, stream, data):
         self.console_out.write(stream, data)  # "uart" shares stdout with fd 1, as under uhyve
 
+    def console_sink(self, cpu, stream):
+        return functools.partial(self.console_out.write, stream)
+
     def flush(self):
         self.console_out.flush()
 
@@ -331,6 +340,25 @@ class RecordingHostIO(HostIO):
         entry[1].extend(data)
         if b"\n" in data or len(entry[1]) >= 4096:
             self._flush_uart(cpu)
+
+    def console_sink(self, cpu, stream):
+        if stream != "uart":
+            return super().console_sink(cpu, stream)
+        inner = self.inner.console_sink(cpu, stream)
+        pending = self._uart
+        clock = self.clock
+
+        def sink(data: bytes) -> None:
+            inner(data)
+            entry = pending.get(cpu)
+            if entry is None:
+                entry = pending[cpu] = (clock(), bytearray())
+            buf = entry[1]
+            buf += data
+            if 10 in data or len(buf) >= 4096:
+                self._flush_uart(cpu)
+
+        return sink
 
     def _flush_uart(self, cpu: int) -> None:
         entry = self._uart.pop(cpu, None)

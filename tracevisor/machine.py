@@ -153,6 +153,7 @@ class VcpuState:
         self.exits = 0
         self.parked = False  # halted with interrupts disabled (seen by the watchdog)
         self.stop_request: tuple[str, str] | None = None  # (reason, message) asked by the main thread
+        self.uart = None  # console sink for UART bytes (HostIO.console_sink), set at boot
         self.started = False  # has entered the guest at least once
         self.finished = False  # stopped for good (not paused)
         self.running = False
@@ -274,6 +275,7 @@ class Machine:
             if self.irqchip:
                 vc.set_mp_state(U.KVM_MP_STATE_RUNNABLE)
             v.ctx.hostio = self.hostio
+            v.uart = self.hostio.console_sink(v.cpu, "uart")
 
     # -- running -----------------------------------------------------------------------------------
     def run(self, hostio, trace=None) -> StopInfo:
@@ -553,8 +555,9 @@ class Machine:
         if call.outcome.exit_code is not None:
             raise GuestExit(call.outcome.exit_code)
 
-    def _uart(self, v: VcpuState, port: int, size: int, value: int) -> None:
-        self.hostio.console(v.cpu, "uart", _BYTES[value] if size == 1 else value.to_bytes(size, "little"))
+    @staticmethod
+    def _uart(v: VcpuState, port: int, size: int, value: int) -> None:
+        v.uart(_BYTES[value] if size == 1 else value.to_bytes(size, "little"))
 
     def _string_io(self, v, direction, size, port, count, data_offset, rip) -> None:
         """``rep outs``/``rep ins`` (count > 1): each element is one access, served in order."""
