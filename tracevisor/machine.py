@@ -59,7 +59,6 @@ _BYTES = [bytes([i]) for i in range(256)]
 # s.regs.rip @432 (KVM_CAP_SYNC_REGS), and the first I/O data word at the usual data_offset 4096.
 IO_DATA_OFFSET = 4096
 _EXIT = struct.Struct("<I20xBBHIQ384xQ%dxI" % (IO_DATA_OFFSET - 440))
-_EXIT_NO_DATA = struct.Struct("<I20xBBHIQ384xQ")
 _libc_ioctl = ctypes.CDLL(None, use_errno=True).ioctl  # KVM_RUN only: its number fits a C int
 _PACK_IN = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
 
@@ -466,12 +465,15 @@ class Machine:
         kvm_run = _libc_ioctl
         get_errno = ctypes.get_errno
         KVM_RUN = U.KVM_RUN
-        unpack = _EXIT.unpack_from if len(mm) >= _EXIT.size else _EXIT_NO_DATA.unpack_from
+        if len(mm) < _EXIT.size:
+            raise TracevisorError(f"the kvm_run mapping ({len(mm)} bytes) has no I/O data page")
+        unpack = _EXIT.unpack_from
         out_ports = self.out_ports
         in_ports = self.in_ports
         trace_exit = self.trace.exit if self.trace is not None else None
         hooks = self.exit_hooks
-        now = self.now
+        monotonic_ns = time.monotonic_ns
+        t0 = self.t0
         cpu = v.cpu
         stopping = self._stopping
         mask = _MASK
@@ -491,17 +493,12 @@ class Machine:
                     self._probe(v)
                     continue
                 raise VmStop(self._fault(v, "error", f"KVM_RUN failed on vCPU {cpu}: {os.strerror(err)}"))
-            t = unpack(mm, 8)
-            reason = t[0]
-            if reason == 2:  # KVM_EXIT_IO
-                direction, size, port, count, data_offset, rip = t[1:7]
-                if count != 1 or data_offset != IO_DATA_OFFSET or len(t) < 8:
-                    self._string_io(v, direction, size, port, count, data_offset, rip)
-                    continue
+            reason, direction, size, port, count, data_offset, rip, data = unpack(mm, 8)
+            if reason == 2 and count == 1 and data_offset == IO_DATA_OFFSET:  # single port I/O
                 if direction:  # OUT
-                    value = t[7] & mask[size]
+                    value = data & mask[size]
                     if trace_exit is not None:
-                        trace_exit(cpu, now(), 2, rip, port, 1, size, value)
+                        trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 1, size, value)
                     if hooks:
                         for h in hooks:
                             h(v, 2, rip, port, 1, size, value)
@@ -516,17 +513,17 @@ class Machine:
                     value &= mask[size]
                     pack_in[size].pack_into(mm, data_offset, value)
                     if trace_exit is not None:
-                        trace_exit(cpu, now(), 2, rip, port, 0, size, value)
+                        trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 0, size, value)
                     if hooks:
                         for h in hooks:
                             h(v, 2, rip, port, 0, size, value)
+            elif reason == 2:
+                self._string_io(v, direction, size, port, count, data_offset, rip)
+            elif reason == 4:  # KVM_EXIT_DEBUG: a debugger's breakpoint or step, not guest behaviour
+                self._debug_exit(v, rip)
             else:
-                rip = t[6]
-                if reason == 4:  # KVM_EXIT_DEBUG: a debugger's breakpoint or step, not guest behaviour
-                    self._debug_exit(v, rip)
-                    continue
                 if trace_exit is not None:
-                    trace_exit(cpu, now(), reason, rip, 0, 0, 0, 0)
+                    trace_exit(cpu, monotonic_ns() - t0, reason, rip, 0, 0, 0, 0)
                 if hooks:
                     for h in hooks:
                         h(v, reason, rip, 0, 0, 0, 0)
