@@ -333,17 +333,21 @@ class Replayer:
         m = self.machine
         if m.stop_info is not None and (m.stop_info.reason != "paused" or self.checker.stopped_by_callback):
             return self.result
+        self.result = self._result(self._resume_machine())
+        return self.result
+
+    def _resume_machine(self) -> StopInfo:
+        """Resume the VM until a stop that is not one of our own checkpoint pauses."""
+        m = self.machine
         while True:
             self._user_pause = False
             info = m.resume()
             if info.reason == "paused" and self._want_checkpoint:
                 self._want_checkpoint = False
                 self._take_checkpoint()
-                if not self._user_pause:
+                if not self._user_pause and not info.report.get("debug"):
                     continue
-            break
-        self.result = self._result(info)
-        return self.result
+            return info
 
     def _result(self, info: StopInfo) -> ReplayResult:
         rec = self.recorded_stop or {}
