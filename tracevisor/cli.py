@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="boot and run a kernel (like `uhyve KERNEL`)",
                        description="Boot KERNEL on KVM as uhyve 0.2.1 would and serve its hypercalls. "
                                    "The exit status is the guest's exit code.")
+    p.add_argument("-s", "--gdb", "--gdb-port", dest="gdb", metavar="[HOST:]PORT",
+                   default=os.environ.get("HERMIT_GDB_PORT") or None,
+                   help="boot, then wait for gdb on HOST:PORT (default host 127.0.0.1) before the first "
+                        "guest instruction: gdb -ex 'target remote HOST:PORT' KERNEL. Needs -c 1. "
+                        "(uhyve's -s/--gdb-port; env HERMIT_GDB_PORT; docs/time-travel.md)")
     add_vm_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -160,11 +165,20 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from .hostio import Console, LiveHostIO
     from .machine import Machine
 
+    if ns.gdb is not None:
+        from .debugtarget import parse_gdb_address, run_under_gdb
+
+        parse_gdb_address(ns.gdb)
+        if ns.cpus != 1:
+            raise TracevisorError(f"--gdb debugs a single vCPU: use -c 1 (got -c {ns.cpus})")
     config, image, sandbox, argv, env = vm_setup(ns)
     machine = Machine(config, image)
     try:
         hostio = LiveHostIO(sandbox, argv, env, Console(), tsc_khz=machine.tsc_khz)
-        info = machine.run(hostio)
+        if ns.gdb is not None:
+            info = run_under_gdb(machine, hostio, ns.gdb)
+        else:
+            info = machine.run(hostio)
         hostio.close_all()
         if ns.verbose:
             for line in hostio.log:
