@@ -80,3 +80,42 @@ def test_backwards_without_checkpoints_is_a_clear_error(compute_trace):
         r.run_to(seqs[50])
         with pytest.raises(TracevisorError, match="checkpoint"):
             r.seek(seqs[10])
+
+
+def test_reverse_continue_and_reverse_step_in_the_replay_target(guests, tmp_path):
+    from elftools.elf.elffile import ELFFile
+
+    from replay.debugtarget import ReplayTarget
+    from tracevisor.gdbstub import BP_HARDWARE
+
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    trace = tmp_path / "files.tvt"
+    assert run_cli("record", "-q", "--mount", str(mnt), "-o", str(trace), str(guests["files"])).returncode == 0
+    with open(guests["files"], "rb") as f:
+        sym = {s.name: s["st_value"] for s in ELFFile(f).get_section_by_name(".symtab").iter_symbols()}
+    with replay.Replayer(trace, checkpoint_every=20) as r:
+        t = ReplayTarget(r)
+        assert t.insert_breakpoint(BP_HARDWARE, sym["hc_write"], 1)
+
+        def here():
+            g = t.vcpu.get_regs()
+            return r.checker.position, g.rip, g.rdi, g.rsi, g.rdx, g.rsp
+
+        hits = []
+        for _ in range(4):
+            assert t.cont().reason == "breakpoint"
+            hits.append(here())
+        assert all(h[1] == sym["hc_write"] for h in hits) and len({h[0] for h in hits}) == 4
+        assert t.reverse_continue().reason == "breakpoint" and here() == hits[2]
+        assert t.reverse_continue().reason == "breakpoint" and here() == hits[1]
+        exact = bytes(t.vcpu.get_regs())
+        assert t.reverse_step().reason == "step"
+        assert t.vcpu.get_regs().rip != sym["hc_write"]
+        assert t.step().reason == "step" and bytes(t.vcpu.get_regs()) == exact
+        # forward again from the past: the same breakpoint stops, then the recording's end
+        assert t.cont().reason == "breakpoint" and here() == hits[2]
+        for _ in range(4):
+            t.reverse_continue()
+        stop = t.reverse_continue()
+        assert stop.replaylog == "begin"

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="do not reproduce the guest's console output")
     p.add_argument("--report", metavar="FILE", help="also write the result (and any divergence) as JSON")
     p.add_argument("--until", type=int, metavar="N", help="stop after recorded event N and print the state")
+    p.add_argument("--gdb", metavar="[HOST:]PORT",
+                   help="serve gdb over the replay, with reverse execution (reverse-continue, reverse-stepi, "
+                        "reverse-step/next): gdb -ex 'target remote HOST:PORT' KERNEL (docs/time-travel.md)")
+    p.add_argument("--checkpoint-every", type=int, default=2000, metavar="EXITS",
+                   help="with --gdb: exits between checkpoints (default 2000); smaller = faster reverse "
+                        "steps, more memory")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("info", help="print a trace's header and totals",
@@ -296,6 +302,8 @@ def cmd_replay(ns: argparse.Namespace) -> int:
 
     from replay import Replayer
 
+    if ns.gdb is not None:
+        return _replay_gdb(ns)
     with Replayer(ns.trace, kernel=ns.kernel, force=ns.force, quiet=ns.quiet) as r:
         for w in r.warnings:
             print(f"tracevisor: warning: {w}", file=sys.stderr)
@@ -318,6 +326,23 @@ def cmd_replay(ns: argparse.Namespace) -> int:
             with open(ns.report, "w") as f:
                 json.dump(result.as_dict(), f, indent=2, default=_json_default)
         return result.status
+
+
+def _replay_gdb(ns: argparse.Namespace) -> int:
+    from replay import Replayer
+    from replay.debugtarget import ReplayTarget
+
+    from .debugtarget import parse_gdb_address, serve_gdb
+
+    parse_gdb_address(ns.gdb)
+    if ns.checkpoint_every < 1:
+        raise TracevisorError("--checkpoint-every must be at least 1")
+    with Replayer(ns.trace, kernel=ns.kernel, force=ns.force, quiet=ns.quiet,
+                  checkpoint_every=ns.checkpoint_every) as r:
+        if r.config.cpus != 1:
+            raise TracevisorError(f"replay --gdb debugs single-vCPU traces (this one has {r.config.cpus})")
+        info = serve_gdb(lambda: ReplayTarget(r), ns.gdb)
+        return finish(info)
 
 
 def _json_default(v):

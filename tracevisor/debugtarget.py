@@ -562,14 +562,21 @@ def run_under_gdb(machine, hostio, address: str, *, sw_breakpoints: str = "hw", 
     Returns the StopInfo the process status comes from: the guest's exit (also after ``detach``),
     a fault, a kill from gdb, or an error when gdb went away or broke the protocol (the VM is stopped).
     """
+    return serve_gdb(lambda: (machine.boot(hostio),
+                              LiveTarget(machine, sw_breakpoints=sw_breakpoints, watchpoints=watchpoints))[1],
+                     address, say=say)
+
+
+def serve_gdb(make_target, address: str, *, say=_say) -> StopInfo:
+    """Listen on ``address``, build the target (``make_target()``, after the socket is bound), wait for one
+    gdb connection and serve it; shared by ``run --gdb`` and ``replay --gdb``."""
     host, port = parse_gdb_address(address)
     try:
         server = listen(host, port)
     except OSError as e:
         raise TracevisorError(f"cannot listen for gdb on {host}:{port}: {e.strerror or e}") from None
     try:
-        machine.boot(hostio)
-        target = LiveTarget(machine, sw_breakpoints=sw_breakpoints, watchpoints=watchpoints)
+        target = make_target()
         bound = server.getsockname()
         where = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         say(f"tracevisor: waiting for gdb on {where} (target remote {where})")
