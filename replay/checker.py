@@ -8,13 +8,14 @@ which compares them with the recording of the same vCPU, field by field, and rai
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Callable
 
 from tracevisor.errors import Divergence
 from tracevisor.kvm.uapi import EXIT_REASON_NAMES
 
-from .streams import CpuStream
+from .streams import CpuStream, triple
+
+_EXIT_KIND = "exit"
 
 COMPARED_KINDS = {"exit", "hypercall", "vcpu", "mmio"}
 # The fields of a hypercall the guest determines (t, t_end are timing; seq is the recorder's numbering)
@@ -51,23 +52,69 @@ class Checker:
 
     def __init__(self, path: str, cpus: int, history: int = 5) -> None:
         self.streams = {cpu: CpuStream(path, cpu, COMPARED_KINDS) for cpu in range(cpus)}
-        self.matched = 0
-        self.exits = 0
-        self.last: dict[int, deque] = {cpu: deque(maxlen=history) for cpu in range(cpus)}
-        self.until: int | None = None
-        self.position = -1  # seq of the last matched recorded event
-        self.callbacks: dict[str, list[Callable]] = {}
+        self.history = history
+        self._rich = 0  # rich events matched (the rest of what the streams consumed are exits)
+        self._until: int | None = None
+        self._callbacks: dict[str, list[Callable]] = {}
+        self._checkpoint_every = 0  # exits between checkpoints (0 = none)
+        self._slow = False  # anything to do after a match besides counting (callbacks, until, checkpoints)
         self.on_pause: Callable[[int], None] | None = None  # set by the Replayer: pause(cpu)
         self.make_event: Callable | None = None  # set by the Replayer: builds the callback's event object
         self.stopped_by_callback = False
-        self.checkpoint_every = 0  # exits between checkpoints (0 = none)
         self.on_checkpoint: Callable[[int], None] | None = None
         self._since_checkpoint = 0
 
+    # Counters derive from how far the streams got, so the hot path only advances an index.
+    @property
+    def matched(self) -> int:
+        """Recorded events reproduced so far."""
+        return sum(s.consumed for s in self.streams.values())
+
+    @property
+    def exits(self) -> int:
+        return self.matched - self._rich
+
+    @property
+    def position(self) -> int:
+        """The seq of the last reproduced recorded event (-1 before the first)."""
+        return max(s.last_seq for s in self.streams.values())
+
+    def _refresh(self) -> None:
+        self._slow = bool(self._callbacks) or self._until is not None or bool(self._checkpoint_every)
+
+    @property
+    def until(self) -> int | None:
+        return self._until
+
+    @until.setter
+    def until(self, seq: int | None) -> None:
+        self._until = seq
+        self._refresh()
+
+    @property
+    def callbacks(self) -> dict[str, list[Callable]]:
+        return self._callbacks
+
+    @callbacks.setter
+    def callbacks(self, cbs: dict[str, list[Callable]]) -> None:
+        self._callbacks = cbs
+        self._refresh()
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self._checkpoint_every
+
+    @checkpoint_every.setter
+    def checkpoint_every(self, n: int) -> None:
+        self._checkpoint_every = n
+        self._refresh()
+
     # -- helpers -----------------------------------------------------------------------------------
     def _diverge(self, cpu: int, message: str, expected: dict | None, actual: dict, seq=None) -> None:
+        st = self.streams[cpu]
+        recent = st.recent(self.history, max(0, st.i - 1))
         raise Divergence(message, kind=actual.get("k"), seq=seq, expected=expected, actual=actual,
-                         last_matching=[_summary(e) for e in self.last[cpu]])
+                         last_matching=[_summary(e) for e in recent])
 
     def _next(self, cpu: int, kind: str, actual: dict) -> tuple:
         ev = self.streams[cpu].next()
@@ -84,12 +131,14 @@ class Checker:
                       _summary(ev), actual, seq=ev[1])
 
     def _matched(self, cpu: int, ev: tuple) -> None:
-        self.matched += 1
-        self.position = ev[1]
-        self.last[cpu].append(ev)
-        if self.callbacks:
+        self._rich += 1
+        if self._slow:
+            self._after_match(cpu, ev)
+
+    def _after_match(self, cpu: int, ev: tuple) -> None:
+        if self._callbacks:
             self._fire(cpu, ev)
-        if self.until is not None and ev[1] >= self.until and self.on_pause is not None:
+        if self._until is not None and ev[1] >= self._until and self.on_pause is not None:
             self.on_pause(cpu)
 
     def _fire(self, cpu: int, ev: tuple) -> None:
@@ -102,30 +151,38 @@ class Checker:
             fn(obj)
 
     # -- the trace-sink interface the machine calls ----------------------------------------------------
-    def exit(self, cpu, t_ns, reason, rip, port=0, direction=0, size=0, value=0) -> int:
-        ev = self.streams[cpu].next()
-        if ev is None or ev[0] != "exit":
+    def exit(self, cpu, t_ns, reason, rip, port=0, direction=0, size=0, value=0) -> None:
+        st = self.streams[cpu]
+        i = st.i
+        if i >= len(st.items):
+            if not st.refill():
+                self._wrong_kind(cpu, None, "exit", {"k": "exit", "cpu": cpu, "reason": reason, "rip": rip,
+                                                     "port": port, "dir": direction, "size": size, "value": value})
+            i = 0
+        row = st.items[i]
+        st.i = i + 1
+        # the hot path: one tuple comparison against the recorded (rip, value, port, vcpu, reason, dir, size)
+        if row == (rip, value, port, cpu, reason, direction, size):
+            if self._slow:
+                self._after_match(cpu, triple(row, st.seqs[i], st.ts[i]))
+                if self._checkpoint_every:
+                    self._since_checkpoint += 1
+                    if self._since_checkpoint >= self._checkpoint_every:
+                        self._since_checkpoint = 0
+                        self.on_checkpoint(cpu)
+            return
+        ev = triple(row, st.seqs[i], st.ts[i])
+        if ev[0] != _EXIT_KIND:
             self._wrong_kind(cpu, ev, "exit", {"k": "exit", "cpu": cpu, "reason": reason, "rip": rip,
                                                "port": port, "dir": direction, "size": size, "value": value})
-        row = ev[2]
-        if (row[5] != reason or row[1] != rip or row[3] != port or row[2] != value or row[7] != size
-                or row[6] != direction):
-            rec = exit_dict(ev[1], row)
-            actual = {"reason": reason, "rip": rip, "port": port, "dir": direction, "size": size, "value": value}
-            diff_e = {f: rec[f] for f in EXIT_FIELDS if rec[f] != actual[f]}
-            diff_a = {f: actual[f] for f in diff_e}
-            name = EXIT_REASON_NAMES.get(reason, str(reason))
-            self._diverge(cpu, f"exit #{ev[1]} differs ({name} exit; " +
-                          ", ".join(f"{f}: recorded {_fmt(diff_e[f])}, replay {_fmt(diff_a[f])}" for f in diff_e) + ")",
-                          rec, dict(actual, k="exit", cpu=cpu), seq=ev[1])
-        self.exits += 1
-        self._matched(cpu, ev)
-        if self.checkpoint_every:
-            self._since_checkpoint += 1
-            if self._since_checkpoint >= self.checkpoint_every:
-                self._since_checkpoint = 0
-                self.on_checkpoint(cpu)
-        return ev[1]
+        rec = exit_dict(ev[1], ev[2])
+        actual = {"reason": reason, "rip": rip, "port": port, "dir": direction, "size": size, "value": value}
+        diff_e = {f: rec[f] for f in EXIT_FIELDS if rec[f] != actual[f]}
+        diff_a = {f: actual[f] for f in diff_e}
+        name = EXIT_REASON_NAMES.get(reason, str(reason))
+        self._diverge(cpu, f"exit #{ev[1]} differs ({name} exit; " +
+                      ", ".join(f"{f}: recorded {_fmt(diff_e[f])}, replay {_fmt(diff_a[f])}" for f in diff_e) + ")",
+                      rec, dict(actual, k="exit", cpu=cpu), seq=ev[1])
 
     def event(self, kind: str, cpu: int, t_ns: int, **fields) -> int:
         if kind not in COMPARED_KINDS:
@@ -150,17 +207,12 @@ class Checker:
 
     def save(self) -> dict:
         """Where the checker stands (for a checkpoint)."""
-        return {"matched": self.matched, "exits": self.exits, "position": self.position,
-                "last": {c: list(d) for c, d in self.last.items()},
-                "consumed": {c: s.consumed for c, s in self.streams.items()},
+        return {"rich": self._rich, "consumed": {c: s.consumed for c, s in self.streams.items()},
                 "since": self._since_checkpoint}
 
     def load(self, path: str, st: dict) -> None:
-        self.matched, self.exits, self.position = st["matched"], st["exits"], st["position"]
+        self._rich = st["rich"]
         self._since_checkpoint = st["since"]
-        for c, items in st["last"].items():
-            self.last[c].clear()
-            self.last[c].extend(items)
         for c, n in st["consumed"].items():
             self.streams[c] = CpuStream.at(path, c, COMPARED_KINDS, n)
 
