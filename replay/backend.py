@@ -7,10 +7,8 @@ result.  A request that differs (another operation, path, fd or length) is a div
 
 from __future__ import annotations
 
-import functools
-
 from tracevisor.errors import Divergence
-from tracevisor.hostio import Console, HostIO
+from tracevisor.hostio import Console, ConsoleBackend
 
 from .streams import CpuStream
 
@@ -23,7 +21,7 @@ def _show(v):
     return v
 
 
-class ReplayingHostIO(HostIO):
+class ReplayingHostIO(ConsoleBackend):
     def __init__(self, path: str, cpus: int, console: Console) -> None:
         self.streams = {cpu: CpuStream(path, cpu, {"hostio"}) for cpu in range(cpus)}
         self.console_out = console
@@ -79,15 +77,6 @@ class ReplayingHostIO(HostIO):
 
     def cpu_freq_khz(self, cpu):
         return self.request(cpu, "cpu_freq", [])["ret"]
-
-    def console(self, cpu, stream, data):
-        self.console_out.write(stream, data)
-
-    def console_sink(self, cpu, stream):
-        return functools.partial(self.console_out.write, stream)
-
-    def flush(self):
-        self.console_out.flush()
 
     def close_all(self):
         self.console_out.flush()

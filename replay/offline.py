@@ -98,18 +98,14 @@ class TraceWalk:
             self._stats(path).opens += 1
         elif op == "close" and ret == 0 and args:
             self.files.pop(args[0], None)
-        elif op == "read" and ret > 0 and args:
+        elif op in ("read", "write") and ret > 0 and args:
             f = self.files.get(args[0])
             if f is not None:
+                counter = "bytes_read" if op == "read" else "bytes_written"
                 f.offset += ret
-                f.bytes_read += ret
-                self._stats(f.path).bytes_read += ret
-        elif op == "write" and ret > 0 and args:
-            f = self.files.get(args[0])
-            if f is not None:
-                f.offset += ret
-                f.bytes_written += ret
-                self._stats(f.path).bytes_written += ret
+                setattr(f, counter, getattr(f, counter) + ret)
+                st = self._stats(f.path)
+                setattr(st, counter, getattr(st, counter) + ret)
         elif op == "lseek" and ret >= 0 and args:
             f = self.files.get(args[0])
             if f is not None:

@@ -128,13 +128,28 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+class ConsoleBackend(HostIO):
+    """Guest output to a :class:`Console` (``self.console_out``): shared by the live and replaying backends."""
+
+    console_out: "Console"
+
+    def console(self, cpu, stream, data):
+        self.console_out.write(stream, data)  # "uart" shares stdout with fd 1, as under uhyve
+
+    def console_sink(self, cpu, stream):
+        return functools.partial(self.console_out.write, stream)
+
+    def flush(self):
+        self.console_out.flush()
+
+
 @dataclass
 class OpenFile:
     host_fd: int
     path: str
 
 
-class LiveHostIO(HostIO):
+class LiveHostIO(ConsoleBackend):
     """The real host: sandboxed files, stdio, wall clock and KVM's TSC frequency."""
 
     def __init__(self, sandbox: Sandbox, argv: list[bytes], env: list[bytes], console: Console,
@@ -242,15 +257,6 @@ class LiveHostIO(HostIO):
 
     def cpu_freq_khz(self, cpu):
         return (self.tsc_khz // 1000) * 1000  # whole MHz, as uhyve rounds
-
-    def console(self, cpu, stream, data):
-        self.console_out.write(stream, data)  # "uart" shares stdout with fd 1, as under uhyve
-
-    def console_sink(self, cpu, stream):
-        return functools.partial(self.console_out.write, stream)
-
-    def flush(self):
-        self.console_out.flush()
 
     def close_all(self):
         self.console_out.flush()
