@@ -25,7 +25,7 @@ from typing import Any, Mapping
 MAGIC = b"\x89TVT\r\n\x1a\n"
 
 #: Format version written by this tracevisor: (major, minor).
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 #: The major version this tracevisor reads (any minor of it).
 READS_MAJOR = 1
 
@@ -233,7 +233,8 @@ KINDS: dict[str, Kind] = {
             "One request the guest-facing code made to the host, and the answer. Replay answers every host "
             "request from these, in order per cpu.",
             required=(
-                Field("op", "str", "request: open, read, write, lseek, close, unlink, cmdline, boot_time, cpu_freq, net_rx, ..."),
+                Field("op", "str", "request: open, read, write, lseek, close, unlink, cmdline, boot_time, cpu_freq, "
+                                       "net_rx (args `[poll]`, `data` the frame; only delivery points that got a frame are recorded), ..."),
                 Field("args", "list", "request arguments"),
                 Field("ret", "any", "the answer (usually an int)"),
             ),
@@ -276,8 +277,55 @@ KINDS: dict[str, Kind] = {
                 Field("report", "map", "stop report: registers, instruction bytes, hints, ..."),
             ),
         ),
-        Kind("virtio", "Reserved for virtio queue activity (a later minor version defines it).", reserved=True),
-        Kind("net", "Reserved for network frames (a later minor version defines it).", reserved=True),
+        Kind(
+            "virtio",
+            "What the virtio-net device did (format 1.1; docs/network.md). `op` says what: `chain` — one "
+            "descriptor chain the device took from a queue and returned to the used ring; `status`, `reset`, "
+            "`features`, `queue` — the driver configured the device; `error` — the device found a malformed "
+            "ring, set DEVICE_NEEDS_RESET and stopped the VM. Events of an OUT access (a notify) follow its "
+            "exit row; events of an IN access (an ISR read, which delivers received frames) precede it.",
+            required=(Field("op", "str", "`chain`, `status`, `reset`, `features`, `queue` or `error`"),),
+            optional=(
+                Field("queue", "int", "queue index: 0 = RX, 1 = TX (`chain`, `queue`)"),
+                Field("head", "int", "descriptor index at the head of the chain (`chain`)"),
+                Field("slot", "int", "free-running available-ring index the chain was taken at, mod 2^16 (`chain`)"),
+                Field("descs", "list", "the chain's descriptors in order, each `[index, addr, len, flags, next]` "
+                                       "(flags: 1 NEXT, 2 WRITE) (`chain`)"),
+                Field("len", "int", "bytes the device read from the chain (TX) or wrote into it (RX) (`chain`)"),
+                Field("used_idx", "int", "the used ring's index after the chain was returned (`chain`)"),
+                Field("data", "bin", "those bytes: the 10-byte virtio-net header, then the frame (`chain`)"),
+                Field("status", "int", "device status after the access (`status`, `reset`, `error`)"),
+                Field("old", "int", "device status before it (`status`, `reset`)"),
+                Field("features", "int", "feature bits now enabled (`features`)"),
+                Field("requested", "int", "feature bits the driver wrote (`features`)"),
+                Field("pfn", "int", "page frame number the driver wrote; 0 disables the queue (`queue`)"),
+                Field("addr", "int", "guest-physical address of the descriptor table (`queue`)"),
+                Field("size", "int", "queue size in entries (`queue`)"),
+                Field("message", "str", "what is malformed (`error`; also the VM's stop message)"),
+            ),
+        ),
+        Kind(
+            "net",
+            "One Ethernet frame the guest sent or received (format 1.1), without the virtio-net header. A "
+            "`tx` frame follows the `virtio` chain event it came from; an `rx` frame follows the `hostio` "
+            "`net_rx` event that brought it in and the `virtio` chain it was written to, and was delivered "
+            "at the exit row that follows it (`via` `isr`) or precedes it (`via` `notify`) on the same cpu.",
+            required=(
+                Field("dir", "str", "\"rx\" (to the guest) or \"tx\" (from the guest)"),
+                Field("frame", "bin", "the Ethernet frame (destination MAC first)"),
+                Field("len", "int", "frame length in bytes"),
+            ),
+            optional=(
+                Field("queue", "int", "virtqueue index (0 RX, 1 TX)"),
+                Field("head", "int", "head descriptor of the chain that carried it"),
+                Field("poll", "int", "rx: the device's delivery-point counter (1, 2, ...; the `hostio` `net_rx` "
+                                     "argument)"),
+                Field("via", "str", "rx: the access that delivered it: \"isr\" (ISR read) or \"notify\" "
+                                    "(RX queue notify)"),
+                Field("dropped", "str", "why the frame was not delivered/sent (buffer too small, runt, ...); "
+                                        "absent when it was"),
+            ),
+        ),
     )
 }
 
@@ -447,7 +495,7 @@ def markdown_tables() -> str:
     for kind in KINDS.values():
         out += ["", f"### Event kind `{kind.name}`", "", kind.doc, ""]
         if kind.reserved:
-            out.append("No fields are defined yet; readers of 1.0 skip it.")
+            out.append("No fields are defined yet; readers skip it.")
             continue
         out += _table(kind.required, True)[:]
         out += _table(kind.optional, False)[2:]
