@@ -167,6 +167,7 @@ class Machine:
         self.config = config
         self.image = image
         self.log = log or (lambda msg: print(f"tracevisor: {msg}", file=sys.stderr, flush=True))
+        self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.vm = self.kvm.create_vm()
         self.memory = GuestMemory(config.memory)
@@ -702,6 +703,8 @@ class Machine:
             self.vm.close()
         finally:
             self.memory.close()
+            if self._own_kvm:
+                self.kvm.close()
 
 
 def parse_size(text: str) -> int:
