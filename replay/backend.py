@@ -78,6 +78,28 @@ class ReplayingHostIO(ConsoleBackend):
     def cpu_freq_khz(self, cpu):
         return self.request(cpu, "cpu_freq", [])["ret"]
 
+    def net_rx(self, cpu, poll):
+        """The frame recorded at delivery point ``poll``, if any.  Only delivery points that got a frame were
+        recorded, so "no net_rx event for this poll next" means "nothing arrived here"."""
+        ev = self.streams[cpu].peek()
+        if ev is None or ev[2].get("op") != "net_rx":
+            return None
+        rec = ev[2]
+        at = (list(rec.get("args") or []) or [None])[0]
+        if at != poll:
+            if isinstance(at, int) and at < poll:
+                raise Divergence(f"the recording delivered a received frame at device poll {at}, but the replay "
+                                 f"is already at poll {poll} without having taken it",
+                                 kind="hostio", seq=rec.get("seq"), expected={"op": "net_rx", "args": [at]},
+                                 actual={"op": "net_rx", "args": [poll]})
+            return None
+        self.streams[cpu].next()
+        self.answered += 1
+        return bytes(rec.get("data") or b"")
+
+    def net_tx(self, cpu, frame):
+        pass  # replay touches no network; the checker compares the `net` events instead
+
     def close_all(self):
         self.console_out.flush()
 

@@ -17,11 +17,15 @@ from .streams import CpuStream, triple
 
 _EXIT_KIND = "exit"
 
-COMPARED_KINDS = {"exit", "hypercall", "vcpu", "mmio"}
+COMPARED_KINDS = {"exit", "hypercall", "vcpu", "mmio", "virtio", "net"}
 # The fields of a hypercall the guest determines (t, t_end are timing; seq is the recorder's numbering)
 HYPERCALL_FIELDS = ("call", "port", "addr", "block", "args", "payload", "out", "ret", "error")
 MMIO_FIELDS = ("addr", "len", "write", "data")
 EXIT_FIELDS = ("reason", "rip", "port", "dir", "size", "value")
+# Every field of the network device's events except the time: all of it follows from the guest and net_rx
+VIRTIO_FIELDS = ("op", "queue", "head", "slot", "descs", "len", "used_idx", "data", "status", "old", "features",
+                 "requested", "pfn", "addr", "size", "message")
+NET_FIELDS = ("dir", "frame", "len", "queue", "head", "poll", "via", "dropped")
 
 
 def exit_dict(seq: int, row: tuple) -> dict:
@@ -194,6 +198,10 @@ class Checker:
             keys = HYPERCALL_FIELDS
         elif kind == "mmio":
             keys = MMIO_FIELDS
+        elif kind == "virtio":
+            keys = VIRTIO_FIELDS
+        elif kind == "net":
+            keys = NET_FIELDS
         else:
             keys = ("state",)
         diff = [k for k in keys if _norm(rec.get(k)) != _norm(fields.get(k))]

@@ -165,7 +165,7 @@ class Replayer:
         self.config = VmConfig(kernel=kpath, memory=int(h["memory"]), cpus=int(h["cpus"]),
                                verbose=bool(opts.get("verbose")), pit=bool(opts.get("pit")),
                                cpuid_rows=h.get("cpuid"),
-                               stagger_s=float(opts.get("stagger_s", 0.05)))
+                               stagger_s=float(opts.get("stagger_s", 0.05)), net=opts.get("net"))
         self.quiet = quiet
         self.checkpoint_every = checkpoint_every
         self.max_checkpoints = max_checkpoints

@@ -54,7 +54,8 @@ def _first_note_segment(elf: ELFFile):
 
 
 def test_examples_list() -> None:
-    assert set(guestbuild.EXAMPLES) == {"hello", "args", "files", "compute", "exitcode", "smp", "hello-pie", "plain"}
+    assert set(guestbuild.EXAMPLES) == {"hello", "args", "files", "compute", "exitcode", "smp", "hello-pie", "plain",
+                                       "netecho"}
 
 
 def test_build_all_examples(built: dict[str, Path]) -> None:

@@ -41,6 +41,11 @@ def add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop the VM after this many seconds (exit status 124)")
     p.add_argument("--pit", action="store_true", help="create KVM's in-kernel PIT (as uhyve --pit)")
+    p.add_argument("--net", default=None, metavar="SPEC",
+                   help="give the guest a virtio-net NIC (legacy, PCI 00:00.0, I/O BAR 0xC000; polled, no "
+                        "interrupts) attached to tap:IFNAME (a Linux TAP device; needs CAP_NET_ADMIN) or "
+                        "udp:[HOST:]PORT[,peer=HOST:PORT] (one Ethernet frame per UDP datagram, as QEMU's "
+                        "-netdev dgram); add ,mac=52:54:00:12:34:56 to choose the MAC (docs/network.md)")
     p.add_argument("kernel", metavar="KERNEL", help="the unikernel: a Hermit kernel or a static x86-64 ELF")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help=GUEST_ARGS_HELP)
 
@@ -132,8 +137,14 @@ def vm_setup(ns: argparse.Namespace):
     from .sandbox import Sandbox, parse_mount
 
     memory = parse_size(ns.memory)
+    net = getattr(ns, "net", None)
+    if net and net != "none":
+        from .netbackend import parse_net_spec
+
+        parse_net_spec(net)
     config = VmConfig(kernel=ns.kernel, args=list(ns.args), memory=memory, cpus=ns.cpus,
-                      verbose=ns.verbose, pit=ns.pit, timeout=ns.timeout)
+                      verbose=ns.verbose, pit=ns.pit, timeout=ns.timeout,
+                      net=net if net and net != "none" else None)
     config.validate()
     if ns.timeout is not None and ns.timeout <= 0:
         raise TracevisorError("--timeout must be positive")
@@ -181,6 +192,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
     machine = Machine(config, image)
     try:
         hostio = LiveHostIO(sandbox, argv, env, Console(), tsc_khz=machine.tsc_khz)
+        if config.net:
+            from .netbackend import open_backend
+
+            hostio.net = open_backend(config.net)
         if ns.gdb is not None:
             info = run_under_gdb(machine, hostio, ns.gdb)
         else:
@@ -216,7 +231,7 @@ def trace_header(ns, config, image, sandbox, argv, env, machine) -> dict:
                         "notes": "RDRAND/RDSEED hidden in CPUID; TSC reads are not recorded "
                                  "(docs/determinism.md)"},
         "options": {"verbose": config.verbose, "pit": config.pit, "timeout": config.timeout,
-                    "stagger_s": config.stagger_s},
+                    "stagger_s": config.stagger_s, "net": config.net},
     }
 
 
@@ -225,7 +240,7 @@ def _hoist_record_options(argv: list[str]) -> list[str]:
     if not argv or argv[0] != "record":
         return argv
     takes_value = {"-m", "--memory", "-c", "--cpus", "--mount", "--env", "--timeout", "-o", "--output",
-                   "--compress", "--max-trace-size"}
+                   "--compress", "--max-trace-size", "--net"}
     movable = {"-o", "--output", "--compress", "--max-trace-size"}
     i = 1
     while i < len(argv):
@@ -266,6 +281,11 @@ def cmd_record(ns: argparse.Namespace) -> int:
     machine = Machine(config, image)
     started = time.monotonic()
     try:
+        netdev = None
+        if config.net:  # before the trace exists: a TAP that cannot be opened leaves no trace file behind
+            from .netbackend import open_backend
+
+            netdev = open_backend(config.net)
         header = trace_header(ns, config, image, sandbox, argv, env, machine)
         writer = TraceWriter(ns.output, header, compress=None if ns.compress == "none" else ns.compress,
                              threadsafe=config.cpus > 1, max_bytes=max_bytes)
@@ -274,8 +294,9 @@ def cmd_record(ns: argparse.Namespace) -> int:
             lambda: StopInfo("trace-full", STATUS_ERROR,
                              f"the trace reached --max-trace-size ({ns.max_trace_size}); recording stopped")
             if writer.full else None)
-        hostio = RecordingHostIO(LiveHostIO(sandbox, argv, env, Console(quiet=ns.quiet),
-                                            tsc_khz=machine.tsc_khz), writer, machine.now)
+        live = LiveHostIO(sandbox, argv, env, Console(quiet=ns.quiet), tsc_khz=machine.tsc_khz)
+        live.net = netdev
+        hostio = RecordingHostIO(live, writer, machine.now)
         try:
             info = machine.run(hostio, trace=writer)
         finally:

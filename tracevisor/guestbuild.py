@@ -130,8 +130,11 @@ _EXAMPLE_TABLE: dict[str, tuple[str, str]] = {
     "smp": ("smp.c", "exec"),
     "hello-pie": ("hello-pie.c", "pie"),
     "plain": ("plain.c", "plain"),
+    "netecho": ("netecho.c", "exec"),
 }
 EXAMPLES: tuple[str, ...] = tuple(_EXAMPLE_TABLE)
+#: Optional SDK parts (under guests/sdk/) an example links besides SDK_SOURCES.
+_EXAMPLE_SDK_EXTRAS: dict[str, tuple[str, ...]] = {"netecho": ("virtio_net.c",)}
 
 
 class GuestBuildError(TracevisorError):
@@ -464,7 +467,7 @@ def build(names: Iterable[str] | None = None, outdir: Path | str | None = None, 
             src_name, vname = _EXAMPLE_TABLE[name]
             var = VARIANTS[vname]
             objs = []
-            for src in _sdk_sources(var, sdk):
+            for src in _sdk_sources(var, sdk) + [sdk / x for x in _EXAMPLE_SDK_EXTRAS.get(name, ())]:
                 key = (vname, src)
                 if key not in sdk_objs:
                     sdk_objs[key] = tmp / f"sdk-{vname}-{src.name}.o"

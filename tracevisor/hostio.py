@@ -65,6 +65,15 @@ class HostIO:
         """Guest output: stream is "uart", "stdout" or "stderr".  Not an input; never fails."""
         raise NotImplementedError
 
+    def net_rx(self, cpu: int, poll: int) -> bytes | None:
+        """The next Ethernet frame received for the guest's NIC, or None (nothing waiting, or no network).
+        ``poll`` numbers the device's delivery points (guest accesses), so a recording can say at which
+        one a frame arrived; the device asks again at the same point until it gets None."""
+        return None
+
+    def net_tx(self, cpu: int, frame: bytes) -> None:
+        """Send an Ethernet frame the guest transmitted.  An output: nothing comes back to the guest."""
+
     def console_sink(self, cpu: int, stream: str):
         """A callable ``sink(data)`` equivalent to ``console(cpu, stream, data)``; backends may return a
         faster one (the UART path calls it once per exit)."""
@@ -258,7 +267,18 @@ class LiveHostIO(ConsoleBackend):
     def cpu_freq_khz(self, cpu):
         return (self.tsc_khz // 1000) * 1000  # whole MHz, as uhyve rounds
 
+    net = None  # a netbackend.NetBackend when the VM has a network device (the CLI attaches it)
+
+    def net_rx(self, cpu, poll):
+        return self.net.recv() if self.net is not None else None
+
+    def net_tx(self, cpu, frame):
+        if self.net is not None:
+            self.net.send(frame)
+
     def close_all(self):
+        if self.net is not None:
+            self.net.close()
         self.console_out.flush()
         with self._lock:
             for f in self.files.values():
@@ -333,6 +353,15 @@ class RecordingHostIO(HostIO):
         ret = self.inner.cpu_freq_khz(cpu)
         self._log(cpu, "cpu_freq", [], ret)
         return ret
+
+    def net_rx(self, cpu, poll):
+        frame = self.inner.net_rx(cpu, poll)
+        if frame is not None:  # delivery points without a frame are not logged (replay: no event = no frame)
+            self._log(cpu, "net_rx", [poll], len(frame), frame)
+        return frame
+
+    def net_tx(self, cpu, frame):
+        self.inner.net_tx(cpu, frame)  # an output: the device's `net` event records the frame
 
     def console(self, cpu, stream, data):
         self.inner.console(cpu, stream, data)

@@ -129,6 +129,7 @@ class VmConfig:
     hide_rdrand: bool = True
     cpuid_rows: list[list[int]] | None = None  # replay: the recorded table instead of the host's
     stagger_s: float = AP_STAGGER_S
+    net: str | None = None  # --net SPEC: a virtio-net device (its backend belongs to the HostIO)
 
     def validate(self) -> None:
         if not MIN_MEMORY <= self.memory <= MAX_MEMORY:
@@ -191,6 +192,11 @@ class Machine:
         self.out_ports: dict[int, Callable] = {}
         self.in_ports: dict[int, Callable] = {}
         self._setup_ports()
+        self.net = None
+        if config.net:
+            from .devices.virtio_net import attach
+
+            self.net = attach(self, config.net)
 
     # -- creation ----------------------------------------------------------------------------------
     def _setup_vm(self) -> None:
