@@ -43,6 +43,7 @@ class Checkpoint:
     pages: dict[int, bytes]  # full RAM for the first checkpoint, else pages changed since the previous one
     extra: dict = field(default_factory=dict)  # caller state (stream positions, counters, …)
     pci_address: int = 0
+    devices: dict = field(default_factory=dict)  # device state, e.g. {"net": VirtioNet.save()}
 
     @property
     def nbytes(self) -> int:
@@ -93,6 +94,9 @@ class CheckpointStore:
             pages = {p: mem.page(p) for p in dirty}
         cp = Checkpoint(position, [self._vcpu(v) for v in self.machine.vcpus], pages, dict(extra or {}),
                         self.machine.pci.address)
+        net = getattr(self.machine, "net", None)
+        if net is not None:
+            cp.devices["net"] = net.save()
         self.checkpoints.append(cp)
         if len(self.checkpoints) > self.max_checkpoints:
             self._fold(1)
@@ -144,6 +148,9 @@ class CheckpointStore:
             v.stop_request = None
             v.parked = False
         self.machine.pci.address = cp.pci_address
+        net = getattr(self.machine, "net", None)
+        if net is not None and "net" in cp.devices:
+            net.load(cp.devices["net"])
         return cp
 
     @property
