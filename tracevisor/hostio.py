@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import select
 import sys
 import threading
 import time
@@ -84,6 +85,9 @@ class HostIO:
 
     def close_all(self) -> None:
         """Release every host resource held for the guest."""
+
+    def cancel(self) -> None:
+        """The VM is stopping: end any request that is waiting for the outside world (a READ of stdin)."""
 
 
 class Console:
@@ -171,7 +175,8 @@ class LiveHostIO(ConsoleBackend):
         self.max_files = max_files
         self.files: dict[int, OpenFile] = {}
         self.closed_stdio: set[int] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the fd table and every use of a host fd taken from it
+        self._cancelled = threading.Event()
         self.log: list[str] = []  # refusals, for -v
 
     def _refuse(self, what: str, err: OSError | str) -> int:
@@ -215,41 +220,68 @@ class LiveHostIO(ConsoleBackend):
     def read(self, cpu, fd, length):
         length = min(length, MAX_IO_CHUNK)
         if fd == STDIN and fd not in self.closed_stdio:
-            host_fd = sys.stdin.fileno() if sys.stdin else -1
-        else:
+            return self._read_stdin(length)
+        # The lock is held across the host call: another vCPU's CLOSE (and a later OPEN reusing the host
+        # fd number) cannot slip in between the table lookup and the read.
+        with self._lock:
             f = self.files.get(fd)
             if f is None:
                 return -1, b""
-            host_fd = f.host_fd
+            try:
+                data = os.read(f.host_fd, length)
+            except OSError:
+                return -1, b""
+        return len(data), data
+
+    def _read_stdin(self, length):
+        """The host's stdin may never deliver: wait in slices so that :meth:`cancel` can end the wait."""
+        try:
+            host_fd = sys.stdin.fileno() if sys.stdin else -1
+        except (OSError, ValueError):
+            host_fd = -1
+        if host_fd < 0:
+            return -1, b""
+        poller = select.poll()
+        poller.register(host_fd, select.POLLIN)
+        while not poller.poll(100):
+            if self._cancelled.is_set():
+                return -1, b""
         try:
             data = os.read(host_fd, length)
         except OSError:
             return -1, b""
         return len(data), data
 
+    def cancel(self):
+        self._cancelled.set()
+
     def write(self, cpu, fd, data):
         if fd in (STDOUT, STDERR) and fd not in self.closed_stdio:
             self.console_out.write("stdout" if fd == STDOUT else "stderr", data)
             return len(data)
-        f = self.files.get(fd)
-        if f is None:
-            return -1
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(f.host_fd, view):]
-        except OSError:
-            return -1
+        with self._lock:
+            f = self.files.get(fd)
+            if f is None:
+                return -1
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(f.host_fd, view):]
+            except OSError:
+                return -1
         return len(data)
 
     def lseek(self, cpu, fd, offset, whence):
-        f = self.files.get(fd)
-        if f is None or whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END):
+        if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END):
             return -1
-        try:
-            return os.lseek(f.host_fd, offset, whence)
-        except (OSError, OverflowError):
-            return -1
+        with self._lock:
+            f = self.files.get(fd)
+            if f is None:
+                return -1
+            try:
+                return os.lseek(f.host_fd, offset, whence)
+            except (OSError, OverflowError):
+                return -1
 
     def unlink(self, cpu, path):
         try:
@@ -408,6 +440,9 @@ class RecordingHostIO(HostIO):
     def close_all(self):
         self.flush()
         self.inner.close_all()
+
+    def cancel(self):
+        self.inner.cancel()
 
 
 def host_errno_name(err: int) -> str:

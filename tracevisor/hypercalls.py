@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .errors import GuestError
+
 MAX_ARGS = 128  # CMDSIZE holds 128 argument and 128 environment sizes
 MAX_PATH = 4096
 
@@ -205,7 +207,9 @@ class Call:
 
 def dispatch(port: int, addr: int, ctx: Context) -> Call:
     """Serve the hypercall at ``port`` whose block is at guest-physical ``addr``."""
-    hc = TABLE[port]
+    hc = TABLE.get(port)
+    if hc is None:  # the run loop routes only table ports here; anyone else gets the guest's error too
+        raise GuestError(f"no hypercall at I/O port {port:#x}", port=port)
     if hc.layout is None:
         # NETWRITE/NETREAD/NETSTAT: the old shared-memory network is gone (uhyve 0.2.1 too); answered
         # as no-ops so old kernels do not stop.  The virtio-net device is the network.

@@ -131,7 +131,10 @@ class Sandbox:
         gflags = flags & PASSED_FLAGS
         if mount.readonly and flags & WRITE_FLAGS:
             raise OSError(errno.EROFS, "read-only mount")
-        fd = _openat2(mount.dirfd, rel, gflags | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, mode & 0o777)
+        # openat2 (unlike open) refuses a non-zero mode without O_CREAT with EINVAL, and Hermit's Rust std
+        # passes 0o666 with every open: the mode only counts when a file may be created.
+        mode = mode & 0o777 if gflags & os.O_CREAT else 0
+        fd = _openat2(mount.dirfd, rel, gflags | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, mode)
         try:
             st = os.fstat(fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
