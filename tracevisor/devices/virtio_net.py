@@ -24,6 +24,7 @@ names the problem (tracevisor/devices/virtqueue.py validates every guest-control
 from __future__ import annotations
 
 import struct
+import threading
 
 from ..errors import GuestError, TracevisorError
 from .pci import PciFunction
@@ -163,6 +164,7 @@ class VirtioNet:
                        VirtQueue(machine.memory, TX, QUEUE_SIZE, "TX queue")]
         self._ports: set[int] = set()
         self._noted: set[str] = set()
+        self._lock = threading.Lock()  # several vCPUs may touch the registers at once
         self.stats = {"rx": 0, "tx": 0, "rx_dropped": 0, "tx_dropped": 0}
         self.reset()
         machine.pci.register(*PCI_LOCATION, self.pci)
@@ -238,27 +240,29 @@ class VirtioNet:
         if off is None:
             self._note(f"r{port}", f"read of port {port:#x} while BAR0 does not decode there; answered all-ones")
             return _MASK.get(size, 0xFFFF_FFFF)
-        try:
-            if off <= REG_ISR < off + size:
-                self._rx_poll(v, "isr")  # delivery point: the answer includes what was just delivered
-                value = int.from_bytes(self._registers()[off:off + size], "little")
-                self.isr = 0
-                return value
-            return int.from_bytes(self._registers()[off:off + size], "little")
-        except GuestError as e:
-            self._fail(v, e)
-            raise
+        with self._lock:
+            try:
+                if off <= REG_ISR < off + size:
+                    self._rx_poll(v, "isr")  # delivery point: the answer includes what was just delivered
+                    value = int.from_bytes(self._registers()[off:off + size], "little")
+                    self.isr = 0
+                    return value
+                return int.from_bytes(self._registers()[off:off + size], "little")
+            except GuestError as e:
+                self._fail(v, e)
+                raise
 
     def io_write(self, v, port: int, size: int, value: int) -> None:
         off = self._offset(port)
         if off is None:
             self._note(f"w{port}", f"write to port {port:#x} while BAR0 does not decode there; ignored")
             return
-        try:
-            self._write(v, off, size, value)
-        except GuestError as e:
-            self._fail(v, e)
-            raise
+        with self._lock:
+            try:
+                self._write(v, off, size, value)
+            except GuestError as e:
+                self._fail(v, e)
+                raise
 
     def _write(self, v, off: int, size: int, value: int) -> None:
         if off == REG_STATUS and size == 1:
