@@ -24,7 +24,7 @@ from tracevisor.trace import open_trace
 from .backend import ReplayingHostIO
 from .checker import Checker, exit_dict
 
-KINDS = ("exit", "hypercall", "vcpu", "mmio", "event")
+KINDS = ("exit", "hypercall", "vcpu", "mmio", "virtio", "net", "event")
 
 
 class ReadOnlyMemory:
@@ -181,7 +181,8 @@ class Replayer:
 
     # -- API -------------------------------------------------------------------------------------
     def on(self, kind: str, fn: Callable[[ReplayEvent], object]) -> "Replayer":
-        """Call ``fn(event)`` for each replayed event of ``kind`` (exit, hypercall, vcpu, mmio or event=all)."""
+        """Call ``fn(event)`` for each replayed event of ``kind`` (exit, hypercall, vcpu, mmio, virtio, net or
+        event=all)."""
         if kind not in KINDS:
             raise TracevisorError(f"unknown callback kind {kind!r}; use one of {', '.join(KINDS)}")
         self._callbacks.setdefault(kind, []).append(fn)

@@ -118,6 +118,23 @@ def test_udp_backend_record_and_replay(netecho, tmp_path):
     chains = [e for e in evs if e["k"] == "virtio" and e["op"] == "chain"]
     assert len(chains) == 12 and all(c["data"][10:] in {e["frame"] for e in net} for c in chains)
 
+    # callbacks see the network events as they are replayed, with the guest's memory at that point
+    from replay import Replayer
+
+    seen = []
+
+    def on_net(ev):
+        if ev["dir"] == "rx":  # the frame is in the guest's RX buffer now, after the 10-byte header
+            chain = [c for c in chains if c["seq"] < ev.seq][-1]
+            addr = chain["descs"][0][1]
+            assert ev.memory.read(addr + 10, ev["len"]) == ev["frame"]
+        seen.append((ev["dir"], ev["len"]))
+
+    with Replayer(trace, quiet=True) as rp:
+        rp.on("net", on_net)
+        assert rp.run().verified
+    assert seen == [(e["dir"], e["len"]) for e in net]
+
     # replay: no socket, same guest behaviour, verified
     r = run_cli("replay", str(trace))
     assert r.returncode == 0, r.stderr
