@@ -466,3 +466,47 @@ def test_dispatch_of_an_unknown_port_is_a_guest_error():
     with pytest.raises(GuestError, match="no hypercall at I/O port 0x4242"):
         H.dispatch(0x4242, 0x1000, ctx)
     mem.close()
+
+
+def test_console_big_write_is_not_copied_and_keeps_order():
+    from tracevisor.hostio import Console
+
+    rfd, wfd = os.pipe()
+    try:
+        con = Console(out_fd=wfd, err_fd=wfd)
+        big = bytes(range(256)) * 64  # 16 KiB: written as is, after what the line buffer holds
+        got = bytearray()
+        reader = threading.Thread(target=lambda: got.extend(_read_n(rfd, 3 + len(big) + 3)))
+        reader.start()
+        con.write("stdout", b"abc")
+        con.write("stdout", big)
+        con.write("stdout", b"de\n")
+        reader.join(5)
+        assert bytes(got) == b"abc" + big + b"de\n"
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
+def _read_n(fd: int, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = os.read(fd, n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def test_refusal_log_is_bounded(tmp_path):
+    from tracevisor import hostio as hio
+    from tracevisor.sandbox import Sandbox, parse_mount
+
+    io = hio.LiveHostIO(Sandbox([parse_mount(str(tmp_path))]), [], [], hio.Console(quiet=True))
+    name = b"../" + b"x" * 4000
+    for _ in range(hio.MAX_LOG + 500):
+        assert io.open(0, name, os.O_RDONLY, 0) == -1
+        assert io.unlink(0, b"missing") == -1
+    assert io.refusals == 2 * (hio.MAX_LOG + 500)
+    assert len(io.log) == hio.MAX_LOG + 1 and "further refusals" in io.log[-1]
+    assert max(len(line) for line in io.log) < 400

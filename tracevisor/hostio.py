@@ -27,6 +27,7 @@ from .sandbox import Sandbox
 STDIN, STDOUT, STDERR = 0, 1, 2
 MAX_GUEST_FILES = 512
 MAX_IO_CHUNK = 1 << 26  # one READ never asks the host for more than 64 MiB at once
+MAX_LOG = 1000  # refusals kept for -v: a guest repeating a refused request must not grow host memory
 
 
 class HostIO:
@@ -109,6 +110,11 @@ class Console:
                 self._flush_locked()
                 _write_all(self.err_fd, data)
             return
+        if len(data) >= 8192:  # a big WRITE goes out as is: copying it into the line buffer doubles it
+            with self._lock:
+                self._flush_locked()
+                _write_all(self.out_fd, data)
+            return
         buf = self._buf
         buf += data
         if 10 in data or len(buf) >= 8192:
@@ -177,11 +183,16 @@ class LiveHostIO(ConsoleBackend):
         self.closed_stdio: set[int] = set()
         self._lock = threading.Lock()  # guards the fd table and every use of a host fd taken from it
         self._cancelled = threading.Event()
-        self.log: list[str] = []  # refusals, for -v
+        self.log: list[str] = []  # refusals, for -v (the first MAX_LOG)
+        self.refusals = 0
 
     def _refuse(self, what: str, err: OSError | str) -> int:
-        msg = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        self.log.append(f"{what}: {msg}")
+        self.refusals += 1
+        if self.refusals <= MAX_LOG:
+            msg = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            self.log.append(f"{what[:300]}: {msg}")
+        elif self.refusals == MAX_LOG + 1:
+            self.log.append(f"… further refusals are counted, not listed (limit {MAX_LOG})")
         return -1
 
     def _alloc_fd(self) -> int | None:

@@ -775,6 +775,16 @@ static int cmdval_self_overwrite(int argc, char **argv)
     return 0;
 }
 
+/* Legal but heavy: all of RAM in one WRITE, a few times (host memory and trace size are what it costs). */
+static int write_all_ram(int argc, char **argv)
+{
+    int times = argc > 2 ? atoi(argv[2]) : 1;
+    for (int i = 0; i < times; i++)
+        raw_write(1, 0, ram());
+    printf("\nwrite-all-ram: %d x %lu bytes\n", times, (unsigned long)ram());
+    return 0;
+}
+
 /* -------------------------------------------------------------- exit codes */
 
 static int exit_code(int argc, char **argv)
@@ -959,6 +969,7 @@ static const struct { const char *name; mode_fn fn; } modes[] = {
     { "pt-page-beyond", pt_page_beyond },
     { "pt-huge-1g", pt_huge_1g },
     { "selfmod", selfmod },
+    { "write-all-ram", write_all_ram },
     { "exec-beyond", exec_beyond },
     { "rep-ins-beyond", rep_ins_beyond },
     { "rep-outs-beyond", rep_outs_beyond },
