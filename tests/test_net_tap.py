@@ -122,11 +122,11 @@ def test_ping_udp_record_replay_pcap(netns, guests, tmp_path, monkeypatch):
     r = run_cli("replay", str(trace))
     assert r.returncode == 0 and r.stdout == out, r.stderr
 
-    # pcap → tshark
-    from tracevisor.pcap import write_pcap
-
+    # `tracevisor export --format pcap` → tshark
     pcap = tmp_path / "tap.pcap"
-    n = write_pcap(trace, pcap)
+    r = run_cli("export", str(trace), "--format", "pcap", "-o", str(pcap))
+    assert r.returncode == 0, r.stderr
+    n = int(r.stderr.split(b"wrote ")[1].split()[0])
     assert n >= 2 + 10 + 4
     if shutil.which("tshark") is None:
         if REQUIRE:

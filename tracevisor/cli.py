@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=None, metavar="SEQ", help="first sequence number")
     p.set_defaults(func=cmd_dump)
 
+    p = sub.add_parser("export", help="export a trace to a standard format (pcap)",
+                       description="Write a trace in a format other tools read. pcap: every network frame "
+                                   "the guest sent or received (tshark/Wireshark).")
+    p.add_argument("trace", metavar="TRACE")
+    p.add_argument("--format", choices=["pcap"], default="pcap", help="output format (default pcap)")
+    p.add_argument("-o", "--output", metavar="FILE", help="output file (default: TRACE with the format's suffix)")
+    p.add_argument("--direction", choices=["rx", "tx"], help="pcap: only received or only sent frames")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("examples", help="list the bundled example guests, or print one's path",
                        description="The example guests ship with tracevisor (built with gcc on first use "
                                    "if they were not prebuilt). Try: tracevisor run \"$(tracevisor examples hello)\"")
@@ -426,6 +435,19 @@ def cmd_dump(ns: argparse.Namespace) -> int:
         print(format_event(ev))
         n += 1
     _print_warnings(reader)
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from .pcap import write_pcap
+
+    _open_trace(ns.trace).close()  # a clear one-line error for a file that is not a trace
+    out = ns.output or os.path.splitext(ns.trace)[0] + "." + ns.format
+    try:
+        n = write_pcap(ns.trace, out, direction=ns.direction)
+    except OSError as e:
+        raise TracevisorError(f"cannot write {out}: {e.strerror}") from None
+    print(f"tracevisor: wrote {n} frames to {out}", file=sys.stderr)
     return 0
 
 
