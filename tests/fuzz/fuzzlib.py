@@ -9,6 +9,8 @@ loop harness ``loop.py`` (``RandomChooser``: ~10-20 k inputs/s per core, for mil
   :class:`LiveHostIO` over a temporary mount, optionally recorded through :class:`RecordingHostIO`.
   Only :class:`GuestError` may escape; every host fd the sandbox opened must lie inside the mount;
   nothing outside the mount may change.
+* :class:`QueueWorld` — the legacy split virtqueue parser (``devices/virtqueue.py``) over rings full of
+  hostile descriptors: only GuestError may escape; every chain it hands out lies inside RAM.
 * :func:`trace_case` — a damaged trace file: bit flips, truncation at or near every frame boundary,
   garbage after the magic or the header, frames with valid CRCs around malformed msgpack, shuffled
   frames.  ``open_trace`` may raise only :class:`TraceError`; reading a trace that opened must not raise.
@@ -560,3 +562,88 @@ def check_trace_file(path: str) -> str:
     finally:
         r.close()
     return "read"
+
+
+# ----------------------------------------------------------------------------------------------------
+# the virtio queue parser
+# ----------------------------------------------------------------------------------------------------
+
+class QueueWorld:
+    """A legacy split virtqueue (device side) over guest memory the generator fills with hostile rings."""
+
+    def __init__(self, ram: int = RAM) -> None:
+        self.ram = ram
+        self.mem = GuestMemory(ram)
+        self.chains = 0
+        self.guest_errors = 0
+
+    def case(self, ch) -> None:
+        """Lay out a ring from ``ch``, then drive the queue as the device does: only GuestError may escape,
+        and every chain handed out lies inside RAM."""
+        from tracevisor.devices.virtqueue import DESC_SIZE, VirtQueue, ring_bytes
+
+        mem, ram = self.mem, self.ram
+        size = ch.choice([1, 2, 4, 8, 16, 1, 2, 4, 256])
+        q = VirtQueue(mem, 0, size=size, max_chain_bytes=ch.choice([1 << 17, 1 << 17, 4096, 64]))
+        k = ch.int(0, 9)
+        if k < 7:
+            pfn = ch.choice([1, 0x100, 0x2FF])
+        elif k == 7:
+            pfn = (ram - ring_bytes(size)) // 4096 + ch.int(-1, 2)
+        else:
+            pfn = ch.choice([0, ram // 4096, (1 << 32) - 1, 1 << 20])
+        base = pfn * 4096
+        try:
+            q.set_pfn(pfn)
+        except GuestError:
+            self.guest_errors += 1
+            return
+        if not q.ready:
+            assert q.pop() is None
+            return
+        hostile = ch.int(0, 3) == 0  # a quarter of the rings are junk, the rest mostly well formed
+        table = bytearray(DESC_SIZE * size)
+        for i in range(size):
+            if hostile and ch.int(0, 2) == 0:
+                addr, length = _pick_u64(ch, ram), ch.int(0, 0xFFFF_FFFF)
+                flags, nxt = ch.int(0, 0xFFFF), ch.int(0, 0xFFFF)
+            elif hostile:
+                addr = ch.choice([0x50000 + 64 * i, ram - 16, ram - 1, 0, q.desc_addr, ram])
+                length = ch.choice([0, 1, 10, 64, 1514, 4096, 1 << 17, 0xFFFF_FFFF])
+                flags = ch.choice([0, 1, 2, 3, 4, 5, 7])
+                nxt = ch.choice([(i + 1) % size, i, 0, size, 0xFFFF])
+            else:  # chains of one or two descriptors, readable before writable
+                addr, length = 0x50000 + 2048 * i, ch.choice([0, 1, 12, 64, 1514])
+                first = i % 2 == 0 and i + 1 < size and ch.bool()
+                flags = (1 if first else 0) | (2 if (not first and ch.bool()) else 0)
+                nxt = i + 1 if first else 0
+            struct.pack_into("<QIHH", table, DESC_SIZE * i, addr, length, flags, nxt)
+        mem.write(base, bytes(table))
+        avail = q.avail_addr
+        mem.write_u16(avail, ch.int(0, 1))
+        mem.write_u16(avail + 2, ch.choice([0, 1, size, size + 1, 0xFFFF, ch.int(0, 0xFFFF)]) if hostile
+                      else ch.int(0, size))
+        ring = [ch.choice([s_, 0, size - 1, size, 0xFFFF]) if hostile else 2 * (s_ % max(size // 2, 1))
+                for s_ in range(size)]
+        mem.write(avail + 4, struct.pack(f"<{size}H", *ring))
+        for _ in range(ch.int(1, 2 * size + 2)):
+            try:
+                chain = q.pop()
+            except GuestError:
+                self.guest_errors += 1
+                return
+            if chain is None:
+                return
+            self.chains += 1
+            for d in chain.descs:
+                assert 0 <= d.addr and d.addr + d.len <= ram, d
+            data = q.read_chain(chain)
+            assert len(data) == chain.read_len <= q.max_chain_bytes, (len(data), chain.read_len)
+            n = q.write_chain(chain, b"\xa5" * ch.int(0, 2000))  # contents do not matter, the length does
+            assert 0 <= n <= chain.write_len, (n, chain.write_len)
+            q.push(chain, n)
+            if ch.int(0, 5) == 0:  # the driver moves its index on meanwhile
+                mem.write_u16(avail + 2, ch.int(0, 0xFFFF))
+
+    def close(self) -> None:
+        self.mem.close()

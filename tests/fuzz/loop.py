@@ -2,11 +2,12 @@
 
     python tests/fuzz/loop.py dispatch -n 1000000 --seed 1
     python tests/fuzz/loop.py trace -n 1000000 --seed 1
+    python tests/fuzz/loop.py virtqueue -n 1000000 --seed 1
     python tests/fuzz/loop.py dispatch --replay SEED:ITERATION     # re-run one reported input
 
 Input i of a run is generated from ``random.Random(f"{seed}:{i}")``, so every failure is reported as
-``SEED:ITERATION`` and replays alone.  Failures (any exception other than GuestError from dispatch or
-TraceError from open_trace, any broken host invariant) are printed with their traceback and counted; the
+``SEED:ITERATION`` and replays alone.  Failures (any exception other than GuestError from dispatch or the
+queue parser, TraceError from open_trace, any broken host invariant) are printed with their traceback and counted; the
 run continues.  The exit status is 1 if anything failed.
 """
 
@@ -22,7 +23,8 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fuzzlib import DispatchWorld, RandomChooser, base_trace, check_trace_file, trace_case  # noqa: E402
+from fuzzlib import (  # noqa: E402
+    DispatchWorld, QueueWorld, RandomChooser, base_trace, check_trace_file, trace_case)
 
 CHECK_EVERY = 200  # host snapshot and fd-table recycling period (dispatch)
 
@@ -56,6 +58,23 @@ def run_dispatch(n: int, seed: str, start: int, record: bool, report) -> tuple[i
     return n, failures
 
 
+def run_virtqueue(n: int, seed: str, start: int, report) -> tuple[int, int]:
+    failures = 0
+    world = QueueWorld()
+    for i in range(start, start + n):
+        try:
+            world.case(_rng(seed, i))
+        except Exception:
+            failures += 1
+            report(f"FAIL virtqueue {seed}:{i}\n{traceback.format_exc()}")
+        if i % 50000 == 0:
+            report(f"virtqueue {i - start}/{n} inputs, {world.chains} chains, {failures} failures")
+    world.close()
+    report(f"virtqueue: {n} inputs, {world.chains} chains served, {world.guest_errors} GuestError, "
+           f"{failures} failures")
+    return n, failures
+
+
 def run_trace(n: int, seed: str, start: int, report) -> tuple[int, int]:
     failures = 0
     counts = {"refused": 0, "read": 0}
@@ -81,7 +100,7 @@ def run_trace(n: int, seed: str, start: int, report) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("target", choices=["dispatch", "trace"])
+    ap.add_argument("target", choices=["dispatch", "trace", "virtqueue"])
     ap.add_argument("-n", type=int, default=100000, help="number of inputs (default 100000)")
     ap.add_argument("--seed", default="1")
     ap.add_argument("--start", type=int, default=0, help="first iteration number")
@@ -99,6 +118,8 @@ def main(argv=None) -> int:
     t = time.monotonic()
     if ns.target == "dispatch":
         n, failures = run_dispatch(ns.n, ns.seed, ns.start, ns.record, report)
+    elif ns.target == "virtqueue":
+        n, failures = run_virtqueue(ns.n, ns.seed, ns.start, report)
     else:
         n, failures = run_trace(ns.n, ns.seed, ns.start, report)
     dt = time.monotonic() - t
