@@ -499,10 +499,23 @@ def trace_case(ch, bases: dict) -> bytes:
         data = data[:off] + junk + (data[off + n:] if ch.bool() else data[off:])
     elif kind == 3:  # a valid-CRC footer / header with junk inside
         ftype = ch.choice([S.FRAME_FOOTER_TYPE, S.FRAME_HEADER_TYPE])
-        payload = _pack(_junk_value(ch) if ch.bool() else
-                        {"events": ch.choice([0, -1, "x", 2**64 - 1]), "chunks": _junk_value(ch),
-                         "format": ch.choice([[1, 0], [1], [0, 0], [2, 0], ["1", 0], None, [1, -1]]),
-                         "compression": ch.choice([None, "zstd", "lz4", 5]), "dropped": _junk_value(ch)})
+        k = ch.int(0, 2)
+        if k == 0:
+            obj = _junk_value(ch)
+        elif ftype == S.FRAME_FOOTER_TYPE or k == 1:
+            obj = {"events": ch.choice([0, -1, "x", 2**64 - 1]), "chunks": _junk_value(ch),
+                   "exits": ch.choice([0, 5, -3, "x", None]), "dropped": _junk_value(ch),
+                   "by_reason": ch.choice([{}, {2: 5}, {2: "x"}, {"io": 1, 2: 3}, {2: None}, {b"2": 1}, []]),
+                   "stop": _junk_value(ch), "wall_ns": ch.choice([0, -1, 1.5, "x", None, 2**64 - 1]),
+                   "format": ch.choice([[1, 0], [1], [0, 0], [2, 0], ["1", 0], None, [1, -1]]),
+                   "compression": ch.choice([None, "zstd", "lz4", 5])}
+        else:  # a header whose format is fine and whose other fields are junk
+            obj = {"format": [1, ch.choice([0, 1, 99])], "compression": ch.choice([None, "zstd", 7, "lz4"])}
+            for key in ("kernel", "memory", "cpus", "argv", "env", "mounts", "cpuid", "host", "determinism",
+                        "options", "created", "tracevisor"):
+                if ch.bool():
+                    obj[key] = _junk_value(ch)
+        payload = _pack(obj)
         junk = _frame(ftype, payload)
         if ftype == S.FRAME_HEADER_TYPE:
             data = data[:len(S.MAGIC)] + junk + data[fr[0][0] + fr[0][2]:]

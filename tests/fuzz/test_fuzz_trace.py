@@ -52,3 +52,31 @@ def test_damaged_traces(bases, tmp_path_factory, data):
     with open(path, "wb") as f:
         f.write(trace_case(HypothesisChooser(data), bases))
     check_trace_file(path)
+
+
+def test_footer_with_malformed_summary_fields(bases, tmp_path):
+    # found by the fuzzer: a CRC-valid footer whose by_reason counts were strings broke `tracevisor info`
+    import zlib
+
+    import msgpack
+
+    from tracevisor.trace import open_trace
+    from tracevisor.trace.dump import info_text
+    from fuzzlib import frames
+
+    data = bases[None]
+    off, _t, n = frames(data)[-1]
+    footer = msgpack.unpackb(data[off + S.FRAME_HEADER_SIZE:off + n], strict_map_key=False)
+    footer.update({"events": "many", "exits": -1, "by_reason": {2: "x", "io": None}, "stop": 5, "wall_ns": 1.5})
+    payload = msgpack.packb(footer, use_bin_type=True)
+    crafted = (data[:off] + S.FRAME_HEADER.pack(S.FRAME_FOOTER_TYPE, 0, 0, len(payload), zlib.crc32(payload))
+               + payload + S.TRAILER.pack(off, S.TRAILER_MAGIC))
+    path = tmp_path / "f.tvt"
+    path.write_bytes(crafted)
+    r = open_trace(path)
+    assert r.complete
+    assert any("footer's events, exits, wall_ns, by_reason, stop are malformed" in w for w in r.warnings), r.warnings
+    assert not {"events", "exits", "wall_ns", "by_reason", "stop"} & set(r.footer)
+    assert "exits by reason:" in info_text(r)  # totals recomputed from the chunks
+    assert r.n_events is None
+    r.close()

@@ -50,6 +50,9 @@ def _is_count(v: Any) -> bool:
     return type(v) is int and v >= 0
 
 
+_FOOTER_COUNTS = ("events", "exits", "bytes", "dropped", "wall_ns")
+
+
 class _Damaged(Exception):
     """A chunk cannot be used; the message completes 'chunk i at offset X ...'."""
 
@@ -294,7 +297,7 @@ class TraceReader:
             self.warnings.append(f"the footer is unreadable (offset {offset}): scanned the chunks instead")
             return False
         refs = self._refs_from_footer(footer, data_start, offset)
-        self.footer = footer
+        self.footer = self._checked_footer(footer)
         self.complete = True
         self._data_end = offset
         if refs is None:
@@ -303,6 +306,23 @@ class TraceReader:
             return True
         self.chunk_index = refs
         return True
+
+    def _checked_footer(self, footer: dict) -> dict:
+        """The footer with every summary field of the wrong shape dropped (a CRC-valid footer can still hold
+        anything): readers of ``footer`` get counts as ints, ``by_reason`` as {int: int}, ``stop`` as a map."""
+        bad = [k for k in _FOOTER_COUNTS if k in footer and not _is_count(footer[k])]
+        by_reason = footer.get("by_reason")
+        if by_reason is not None and not (isinstance(by_reason, dict)
+                                          and all(_is_count(k) and _is_count(v) for k, v in by_reason.items())):
+            bad.append("by_reason")
+        if footer.get("stop") is not None and not isinstance(footer["stop"], dict):
+            bad.append("stop")
+        if bad:
+            for k in bad:
+                del footer[k]
+            self.warnings.append(f"the footer's {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} malformed: "
+                                 "ignored")
+        return footer
 
     @staticmethod
     def _refs_from_footer(footer: dict, lo: int, hi: int) -> list[ChunkRef] | None:
@@ -358,7 +378,7 @@ class TraceReader:
                     except Exception:
                         footer = None
                 if isinstance(footer, dict):
-                    self.footer = footer
+                    self.footer = self._checked_footer(footer)
                     self.complete = True
                     self.warnings.append(f"the trace's trailer is missing or damaged (footer at offset {pos})")
                 else:
