@@ -520,3 +520,22 @@ def test_refusal_log_is_bounded(tmp_path):
     assert io.refusals == 2 * (hio.MAX_LOG + 500)
     assert len(io.log) == hio.MAX_LOG + 1 and "further refusals" in io.log[-1]
     assert max(len(line) for line in io.log) < 400
+
+
+def test_recording_logs_console_only_for_output_that_happened(tmp_path):
+    from tracevisor import hostio as hio
+    from tracevisor.sandbox import Sandbox
+    from tracevisor.trace import TraceWriter, open_trace
+
+    path = tmp_path / "t.tvt"
+    w = TraceWriter(path, {"argv": ["x"]})
+    io = hio.RecordingHostIO(hio.LiveHostIO(Sandbox([]), [], [], hio.Console(quiet=True)), w, lambda: 0)
+    assert io.write(0, 1, b"shown\n") == 6
+    assert io.close(0, 1) == 0
+    assert io.write(0, 1, b"never shown\n") == -1  # the guest closed its stdout
+    io.close_all()
+    w.close()
+    r = open_trace(path)
+    assert [e["data"] for e in r.events(kinds="console")] == [b"shown\n"]
+    assert [e["ret"] for e in r.events(kinds="hostio") if e["op"] == "write"] == [6, -1]
+    r.close()

@@ -365,7 +365,7 @@ class RecordingHostIO(HostIO):
 
     def write(self, cpu, fd, data):
         ret = self.inner.write(cpu, fd, data)
-        if fd in (STDOUT, STDERR):
+        if fd in (STDOUT, STDERR) and ret >= 0:  # not after the guest closed its fd 1/2: nothing was shown
             self._flush_uart(cpu)
             self.writer.event("console", cpu, self.clock(), stream="stdout" if fd == STDOUT else "stderr",
                               data=bytes(data))
