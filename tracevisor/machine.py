@@ -404,6 +404,10 @@ class Machine:
             if self.stop_info is None:
                 self.stop_info = info
             self._stopping.set()
+        if info.reason != "paused" and self.hostio is not None:
+            cancel = getattr(self.hostio, "cancel", None)
+            if cancel is not None:
+                cancel()  # a vCPU waiting on the outside world (a READ of stdin) must not keep the VM alive
         for v in self.vcpus:
             if threading.current_thread() is not v.thread:
                 self._kick(v)
@@ -723,8 +727,8 @@ def parse_size(text: str) -> int:
     if not num or unit not in units:
         raise TracevisorError(f"bad size {text!r}: use e.g. 64M, 64MiB, 1G or a byte count")
     try:
-        value = float(num) if "." in num else int(num, 0)
-    except ValueError:
+        value = float(num) if "." in num or "e" in num.lower() else int(num, 0)
+        return int(value * units[unit])
+    except (ValueError, OverflowError):
         raise TracevisorError(f"bad size {text!r}: use e.g. 64M, 64MiB, 1G or a byte count") from None
-    return int(value * units[unit])
 
