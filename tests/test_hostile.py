@@ -115,17 +115,25 @@ CASES = {
     "smp-badptr": bad("smp-badptr", msg="WRITE argument block [0xfffffff0, 0x100000004)", opts=("-c", "2"),
                       err=("guest error on vCPU 1",)),
     # buffers
-    "buf-beyond-ram": bad("buf-beyond-ram", msg="WRITE buffer [0x4000000, 0x4000010) lies outside guest RAM"),
-    "buf-straddle": bad("buf-straddle", msg="WRITE buffer [0x4000000, 0x4000008) lies outside guest RAM"),
+    "buf-beyond-ram": bad("buf-beyond-ram", msg="WRITE buffer [0x4000000, +0x10) reaches physical [0x4000000, "
+                                              "0x4000010), outside guest RAM"),
+    "buf-straddle": bad("buf-straddle", msg="WRITE buffer [0x3fffff8, +0x10) reaches physical [0x4000000, "
+                                          "0x4000008), outside guest RAM"),
     "buf-len-huge": bad("buf-len-huge", msg="WRITE buffer of 9223372036854775808 bytes is larger than guest RAM"),
     "buf-wrap": bad("buf-wrap", msg="WRITE buffer [0xfffffffffffffff0, +0x20) wraps around the address space"),
-    "buf-unmapped": bad("buf-unmapped", msg="virtual address 0x40000000 is not mapped"),
-    "buf-noncanonical": bad("buf-noncanonical", msg="virtual address 0x800000000000 is not canonical"),
-    "buf-in-hole": bad("buf-in-hole", msg="WRITE buffer [0x20000000, 0x20000010) lies outside guest RAM"),
+    "buf-unmapped": bad("buf-unmapped", msg="WRITE buffer [0x40000000, +0x10): virtual address 0x40000000 is not "
+                                          "mapped"),
+    "buf-noncanonical": bad("buf-noncanonical", msg="WRITE buffer [0x800000000000, +0x10): virtual address "
+                                                  "0x800000000000 is not canonical"),
+    "buf-in-hole": bad("buf-in-hole", msg="WRITE buffer [0x20000000, +0x10) reaches physical [0x20000000, "
+                                        "0x20000010), outside guest RAM"),
     "read-huge": bad("read-huge", msg="READ buffer of 1099511627776 bytes is larger than guest RAM"),
-    "read-beyond": bad("read-beyond", msg="READ buffer [0x4001000, 0x4001010) lies outside guest RAM"),
-    "pt-table-beyond": bad("pt-table-beyond", msg="page-table entry [0x4200000, 0x4200008) lies outside"),
-    "pt-page-beyond": bad("pt-page-beyond", msg="WRITE buffer [0x4400000, 0x4400008) lies outside"),
+    "read-beyond": bad("read-beyond", msg="READ buffer [0x4001000, +0x10) reaches physical [0x4001000, "
+                                        "0x4001010), outside guest RAM"),
+    "pt-table-beyond": bad("pt-table-beyond", msg="WRITE buffer [0x40000000, +0x8): page-table entry [0x4200000, "
+                                                "0x4200008) lies outside guest RAM"),
+    "pt-page-beyond": bad("pt-page-beyond", msg="WRITE buffer [0x40000000, +0x8) reaches physical [0x4400000, "
+                                              "0x4400008), outside guest RAM"),
     "pt-remap": C("pt-remap", status=0, out=("reverse order\nsplit across two remapped pages\n",
                                              "0x40f000\nsplit across two remapped pages\n")),
     "pt-huge-1g": C("pt-huge-1g", status=0, out=("via a 1 GiB page",)),
@@ -537,3 +545,19 @@ def test_recording_logs_console_only_for_output_that_happened(tmp_path):
     assert [e["data"] for e in r.events(kinds="console")] == [b"shown\n"]
     assert [e["ret"] for e in r.events(kinds="hostio") if e["op"] == "write"] == [6, -1]
     r.close()
+
+
+def test_buffer_reports_name_the_whole_buffer():
+    from tracevisor import arch_x86_64 as arch
+    from tracevisor.errors import GuestError
+    from tracevisor.memory import GuestMemory
+
+    mem = GuestMemory(1 << 24)
+    arch.write_boot_structures(mem)
+    with pytest.raises(GuestError, match=r"^WRITE buffer \[0xfffff8, \+0x10\) reaches physical "
+                                         r"\[0x1000000, 0x1000008\), outside guest RAM"):
+        mem.read_virt((1 << 24) - 8, 16, arch.PML4_ADDR, what="WRITE buffer")
+    with pytest.raises(GuestError, match=r"^READ buffer \[0x40000000, \+0x4\): virtual address 0x40000000 "
+                                         r"is not mapped"):
+        mem.virt_ranges(1 << 30, 4, arch.PML4_ADDR, what="READ buffer")
+    mem.close()

@@ -161,10 +161,16 @@ class GuestMemory:
             raise GuestError(f"{what} of {length} bytes is larger than guest RAM ({self.size} bytes)",
                              va=va, length=length)
         out: list[tuple[int, int]] = []
+        buf = f"{what} [{va:#x}, +{length:#x})"  # reports name the whole buffer, not just the failing piece
         while length:
-            gpa, room = self.translate(va, cr3, paging)
+            try:
+                gpa, room = self.translate(va, cr3, paging)
+            except GuestError as e:
+                raise GuestError(f"{buf}: {e}", **e.details) from None
             n = min(room, length)
-            self.check(gpa, n, what)
+            if gpa > self.size or n > self.size - gpa:
+                raise GuestError(f"{buf} reaches physical [{gpa:#x}, {gpa + n:#x}), outside guest RAM "
+                                 f"[0, {self.size:#x})", va=va, gpa=gpa, length=n)
             if out and out[-1][0] + out[-1][1] == gpa:
                 out[-1] = (out[-1][0], out[-1][1] + n)
             else:
