@@ -561,3 +561,13 @@ def test_buffer_reports_name_the_whole_buffer():
                                          r"is not mapped"):
         mem.virt_ranges(1 << 30, 4, arch.PML4_ADDR, what="READ buffer")
     mem.close()
+
+
+@pytest.mark.kvm
+def test_no_host_env_hides_the_host_environment(guests, world):
+    env = {"TRACEVISOR_TEST_SECRET": "hunter2"}
+    shown = run_cli("run", str(guests["args"]), cwd=world.cwd, env=env)
+    assert b"TRACEVISOR_TEST_SECRET=hunter2" in shown.stdout  # uhyve's default: the whole host environment
+    hidden = run_cli("run", "--no-host-env", "--env", "ONLY=this", str(guests["args"]), cwd=world.cwd, env=env)
+    assert hidden.returncode == 0, hidden.stderr
+    assert b"hunter2" not in hidden.stdout and b"envc=1\nenv[0]=ONLY=this\n" in hidden.stdout, hidden.stdout
