@@ -283,7 +283,6 @@ class DispatchWorld:
         if hc is not None and hc.layout is not None:
             size = hc.layout.size
             block = bytearray(ch.bytes(size, size) if ch.int(0, 5) == 0 else bytes(size))
-            open_fds = sorted(self.live.files)
             for name, off, fmt in hc.layout.fields:
                 sane = ch.int(0, 2) != 0  # two thirds of the fields hold plausible values
                 if name == "name":
@@ -302,9 +301,8 @@ class DispatchWorld:
                     v = ch.int(0, 2) if sane else _pick_i32(ch)
                 elif name == "offset":
                     v = ch.int(-16, 64) if sane else ch.choice(I64) if ch.bool() else ch.int(-(1 << 63), (1 << 63) - 1)
-                elif name == "fd":
-                    v = ch.choice(open_fds) if sane and open_fds and ch.int(0, 3) else (
-                        ch.int(0, 5) if sane else _pick_i32(ch))
+                elif name == "fd":  # guest fds are handed out lowest-first from 3: 3..18 are mostly open
+                    v = ch.int(0, 18) if sane else _pick_i32(ch)
                 elif fmt == "i":
                     v = _pick_i32(ch)
                 else:
