@@ -40,14 +40,10 @@ def run_dispatch(n: int, seed: str, start: int, record: bool, report) -> tuple[i
         for i in range(start, start + n):
             try:
                 world.case(_rng(seed, i))
-                if i % CHECK_EVERY == 0:
-                    world.check_host()
-                    world.recycle()  # also restores the mount's planted entries
+                world.maintain(i, CHECK_EVERY)
             except Exception:
                 failures += 1
                 report(f"FAIL dispatch {seed}:{i}\n{traceback.format_exc()}")
-                world.recycle()
-            if len(world.live.files) > 48:
                 world.recycle()
             if i % 50000 == 0:
                 report(f"dispatch {i - start}/{n} inputs, {world.guest_errors} guest errors, {failures} failures")

@@ -23,5 +23,4 @@ def world(request, tmp_path_factory):
 def test_dispatch_only_guest_errors(world, data):
     world.case(HypothesisChooser(data))
     world.check_host()
-    if len(world.live.files) > 48:
-        world.recycle()
+    world.maintain(world.calls)
