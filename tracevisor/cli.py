@@ -122,14 +122,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=None, metavar="SEQ", help="first sequence number")
     p.set_defaults(func=cmd_dump)
 
-    p = sub.add_parser("export", help="export a trace to a standard format (pcap)",
+    p = sub.add_parser("export", help="export a trace to a standard format (pcap, perfetto, parquet, csv)",
                        description="Write a trace in a format other tools read. pcap: every network frame "
-                                   "the guest sent or received (tshark/Wireshark).")
+                                   "the guest sent or received (tshark/Wireshark). perfetto: Chrome trace-event "
+                                   "JSON, one track per vCPU (ui.perfetto.dev). parquet, csv: a directory with "
+                                   "one file per analysis frame (docs/analysis.md).")
     p.add_argument("trace", metavar="TRACE")
-    p.add_argument("--format", choices=["pcap"], default="pcap", help="output format (default pcap)")
-    p.add_argument("-o", "--output", metavar="FILE", help="output file (default: TRACE with the format's suffix)")
+    p.add_argument("--format", choices=["pcap", "perfetto", "parquet", "csv"], default="pcap",
+                   help="output format (default pcap)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="output file, or directory for parquet/csv (default: TRACE with the format's suffix: "
+                        ".pcap, .perfetto.json, -parquet/, -csv/)")
     p.add_argument("--direction", choices=["rx", "tx"], help="pcap: only received or only sent frames")
+    p.add_argument("--exits", choices=["auto", "instant", "counter", "none"], default="auto",
+                   help="perfetto: exits as instant events, as per-vCPU exit-rate counters, or not at all "
+                        "(auto: instants up to 200000 exits)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("stats", help="exit and hypercall statistics of a trace (like perf kvm stat report)",
+                       description="Per exit reason, per I/O port and per hypercall: count, share, total/min/max/"
+                                   "mean/p99 time and bytes moved. Exit time is the time until the vCPU's next "
+                                   "exit; hypercall time is the host latency (docs/analysis.md).")
+    p.add_argument("trace", metavar="TRACE")
+    p.add_argument("--by", choices=["vcpu"], help="one table per vCPU")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("diff", help="compare two traces of the same kernel; status 0 if identical, 1 if not",
+                       description="Align two traces per vCPU, event by event (timing ignored), and print the "
+                                   "first difference field by field, then the differences in hypercall counts, "
+                                   "bytes and exits. Exit status: 0 no difference, 1 different, 2 trouble.")
+    p.add_argument("a", metavar="TRACE_A")
+    p.add_argument("b", metavar="TRACE_B")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing; only the exit status tells")
+    p.add_argument("--ignore", action="append", metavar="FIELD", help="also ignore this event field (repeatable)")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("examples", help="list the bundled example guests, or print one's path",
                        description="The example guests ship with tracevisor (built with gcc on first use "
@@ -438,7 +466,29 @@ def cmd_dump(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _analysis_cli():
+    """analysis.cli, or a one-line error when the [analysis] extra (pandas, ...) is not installed."""
+    try:
+        from analysis import cli
+    except ImportError as e:
+        raise TracevisorError(f"this command needs the analysis extra ({e.name or e} is missing): "
+                              "pip install 'tracevisor[analysis]'") from None
+    return cli
+
+
+def cmd_stats(ns: argparse.Namespace) -> int:
+    return _analysis_cli().stats_main(ns)
+
+
+def cmd_diff(ns: argparse.Namespace) -> int:
+    return _analysis_cli().diff_main(ns)
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
+    if ns.format != "pcap":
+        if ns.direction:
+            raise TracevisorError("--direction applies to --format pcap only")
+        return _analysis_cli().export_main(ns)
     from .pcap import write_pcap
 
     _open_trace(ns.trace).close()  # a clear one-line error for a file that is not a trace

@@ -1,0 +1,519 @@
+"""``analysis.load(path)``: a trace as typed pandas DataFrames.
+
+The exit rows are the bulk of a trace; they are loaded without any per-exit Python work: the reader's
+chunks hand over their packed 27-byte rows, which are concatenated and viewed with one ``numpy.frombuffer``
+(``schema.EXIT_DTYPE_FIELDS``), and their seqs come from the chunk rule (the chunk's seqs not used by a rich
+event).  Rich events (hypercalls, console output, ...) are few and become the other frames on first use.
+"""
+
+from __future__ import annotations
+
+import gc
+import ipaddress
+import os
+from functools import cached_property
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from tracevisor.trace import open_trace
+from tracevisor.trace.schema import EXIT_DTYPE_FIELDS, EXIT_REASONS, EXIT_ROW_SIZE
+
+from .columns import (
+    FRAME_NAMES,
+    REASON_CATEGORIES,
+    conform,
+    empty_frame,
+)
+
+_EXIT_DTYPE = np.dtype(EXIT_DTYPE_FIELDS)
+_NO_CALL_HOSTIO = frozenset({"boot_time", "cpu_freq", "net_rx"})  # host requests outside any hypercall
+
+
+def _int(v: Any) -> int | None:
+    """``v`` if it is a plain int (bools excluded), else None: rich events may hold anything."""
+    return v if type(v) is int else None
+
+
+def _cpu(ev: dict) -> int:
+    c = ev.get("cpu")
+    return c if type(c) is int and 0 <= c < 0x10000 else 0
+
+
+def _t(ev: dict, key: str = "t") -> int:
+    t = ev.get(key)
+    return t if type(t) is int and -(2**63) <= t < 2**63 else 0
+
+
+def _bytes(v: Any) -> bytes:
+    return bytes(v) if isinstance(v, (bytes, bytearray)) else b""
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "backslashreplace")
+
+
+class Trace:
+    """A loaded trace: ``exits``, ``hypercalls``, ``files``, ``console``, ``virtio``, ``packets`` DataFrames
+    (columns and dtypes in :mod:`analysis.columns`, docs/analysis.md) and ``meta`` (the header).
+
+    ``footer``, ``warnings`` and ``complete`` are the reader's; ``path`` the file.  Frames other than
+    ``exits`` are built on first access and cached."""
+
+    def __init__(self, path: str, meta: dict, footer: dict | None, warnings: list[str], complete: bool,
+                 exits: pd.DataFrame, rich: list[dict] | None = None,
+                 frames: dict[str, pd.DataFrame] | None = None) -> None:
+        self.path = path
+        self.meta = meta
+        self.footer = footer
+        self.warnings = warnings
+        self.complete = complete
+        self.exits = exits
+        self._rich = rich if rich is not None else []
+        for name, df in (frames or {}).items():
+            self.__dict__[name] = df  # pre-built frames (read back from an export) shadow the builders
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_reader(cls, reader) -> "Trace":
+        cols, rich = _read_exit_columns(reader)
+        exits = _exits_frame(cols, _vcpu_ends(rich, cols["vcpu"]))
+        return cls(reader.path, reader.header, reader.footer, list(reader.warnings), reader.complete, exits, rich)
+
+    # -- the frames --------------------------------------------------------------------------------
+    @property
+    def header(self) -> dict:
+        return self.meta
+
+    @cached_property
+    def hypercalls(self) -> pd.DataFrame:
+        return _hypercalls_frame(self._rich)
+
+    @cached_property
+    def files(self) -> pd.DataFrame:
+        return _files_frame(self._rich)
+
+    @cached_property
+    def console(self) -> pd.DataFrame:
+        return _console_frame(self._rich)
+
+    @cached_property
+    def virtio(self) -> pd.DataFrame:
+        return _virtio_frame(self._rich)
+
+    @cached_property
+    def packets(self) -> pd.DataFrame:
+        return _packets_frame(self._rich)
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """Every frame by name (exits, hypercalls, files, console, virtio, packets)."""
+        return {name: getattr(self, name) for name in FRAME_NAMES}
+
+    def events(self, kinds: Iterable[str] | str | None = None) -> Iterator[dict]:
+        """The rich events (not exits) as stored, in seq order; ``kinds`` filters by kind."""
+        if isinstance(kinds, str):
+            kinds = {kinds}
+        want = None if kinds is None else set(kinds)
+        return (ev for ev in self._rich if want is None or ev.get("k") in want)
+
+    @property
+    def stop(self) -> dict | None:
+        """The stop event (how the run ended), from the footer or the last ``stop`` event."""
+        if self.footer and isinstance(self.footer.get("stop"), dict):
+            return self.footer["stop"]
+        for ev in reversed(self._rich):
+            if ev.get("k") == "stop":
+                return ev
+        return None
+
+    @cached_property
+    def end_ns(self) -> int:
+        """Time of the last thing in the trace (exit, event start or hypercall end), ns since the start."""
+        end = 0
+        for name, col in (("exits", "t_ns"), ("hypercalls", "t_end_ns"), ("console", "t_ns"), ("virtio", "t_ns"),
+                          ("packets", "t_ns")):
+            df = getattr(self, name)
+            if len(df):
+                end = max(end, int(df[col].max()))
+        for ev in self._rich:
+            end = max(end, _t(ev), _t(ev, "t_end"))
+        return end
+
+    @property
+    def console_text(self) -> str:
+        """All console output (every stream) in order, as text."""
+        return "".join(self.console["text"].fillna(""))
+
+    def stats(self, by: str | None = None):
+        from .stats import stats
+
+        return stats(self, by=by)
+
+    def __repr__(self) -> str:
+        n_calls = sum(1 for ev in self._rich if ev.get("k") == "hypercall")
+        return (f"<analysis.Trace {os.path.basename(self.path)}: {len(self.exits)} exits, {n_calls} hypercalls, "
+                f"{len(self._rich)} rich events{'' if self.complete else ', incomplete'}>")
+
+
+def load(path: str | os.PathLike) -> Trace:
+    """Load a trace file as frames.  Raises TraceError for a file that is not a readable trace; damage
+    after the header ends up in ``.warnings`` (the frames hold what could be read)."""
+    reader = open_trace(path)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the rich events are many small containers kept alive: collections would only rescan them
+    try:
+        return Trace.from_reader(reader)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        reader.close()
+
+
+def as_trace(trace: "Trace | str | os.PathLike") -> Trace:
+    return trace if isinstance(trace, Trace) else load(trace)
+
+
+# --------------------------------------------------------------------------------------------------
+# exits
+# --------------------------------------------------------------------------------------------------
+
+_KNOWN_CODES = sorted(EXIT_REASONS)
+
+
+def _reason_categorical(codes: np.ndarray) -> pd.Categorical:
+    lut = np.full(256, -1, dtype=np.int16)
+    for i, code in enumerate(_KNOWN_CODES):
+        lut[code] = i
+    cats = list(REASON_CATEGORIES)
+    if len(codes):
+        present = np.flatnonzero(np.bincount(codes, minlength=256))
+        for code in present:
+            if lut[code] < 0:
+                lut[code] = len(cats)
+                cats.append(f"REASON_{code}")
+    if len(cats) > len(REASON_CATEGORIES):  # unknown names sorted after the known ones, as columns.conform does
+        extra = sorted(cats[len(REASON_CATEGORIES):])
+        for code in range(256):
+            if lut[code] >= len(REASON_CATEGORIES):
+                lut[code] = len(REASON_CATEGORIES) + extra.index(f"REASON_{code}")
+        cats = list(REASON_CATEGORIES) + extra
+    small = lut.astype(np.int8 if len(cats) < 128 else np.int16)
+    return pd.Categorical.from_codes(small[codes], categories=cats, validate=False)
+
+
+def _durations(t: np.ndarray, vcpu: np.ndarray, ends: dict[int, int]) -> np.ndarray:
+    """ns until the next exit of the same vCPU; a vCPU's last exit runs until the vCPU's last event."""
+    n = len(t)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    if int(vcpu.min()) == int(vcpu.max()):
+        order = None
+        ts, vs = t, vcpu
+    else:
+        order = np.argsort(vcpu, kind="stable")
+        ts, vs = t[order], vcpu[order]
+    d = np.empty(n, dtype=np.int64)
+    np.subtract(ts[1:], ts[:-1], out=d[:-1])
+    last = np.empty(n, dtype=bool)
+    np.not_equal(vs[1:], vs[:-1], out=last[:-1])
+    last[-1] = True
+    idx = np.flatnonzero(last)
+    end = np.array([ends.get(int(v), 0) for v in vs[idx]], dtype=np.int64)
+    d[idx] = end - ts[idx]
+    np.maximum(d, 0, out=d)
+    if order is None:
+        return d
+    out = np.empty(n, dtype=np.int64)
+    out[order] = d
+    return out
+
+
+def _vcpu_ends(rich: list[dict], vcpu: np.ndarray) -> dict[int, int]:
+    """Per vCPU with exits: the time of its last rich event in seq order (``t_end`` for a hypercall)."""
+    need = set(np.unique(vcpu).tolist()) if len(vcpu) else set()
+    ends: dict[int, int] = {}
+    for ev in reversed(rich):
+        if not need:
+            break
+        c = _cpu(ev)
+        if c in need:
+            need.discard(c)
+            ends[c] = max(_t(ev), _t(ev, "t_end"))
+    return ends
+
+
+_FIELDS = [name for name, _ in EXIT_DTYPE_FIELDS]
+#: dtype of each exit column in the frame (t_ns as int64 so it subtracts and converts to timedelta).
+_COLUMN_DTYPES = {"t_ns": np.int64, "rip": np.uint64, "value": np.uint32, "port": np.uint16, "vcpu": np.uint16,
+                  "reason": np.uint8, "dir": np.uint8, "size": np.uint8}
+
+
+def _read_exit_columns(reader) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """One pass over the chunks: exit columns (and ``seq``) as numpy arrays, and the rich events.
+
+    Each chunk's rows are viewed with ``numpy.frombuffer`` and copied field by field into preallocated columns
+    (sized by the footer's exit count when it is plausible), so no per-exit Python work and no second copy of
+    the whole row data is made."""
+    cap = reader.footer.get("exits") if reader.footer else None
+    if not (type(cap) is int and 0 <= cap <= reader.size // EXIT_ROW_SIZE):
+        cap = None
+    cols = {f: np.empty(cap or 0, dtype=dt) for f, dt in _COLUMN_DTYPES.items()}
+    cols["seq"] = np.empty(cap or 0, dtype=np.int64)
+    pieces: dict[str, list[np.ndarray]] | None = None if cap is not None else {f: [] for f in cols}
+    rich: list[dict] = []
+    pos = 0
+    for chunk in reader.chunks():
+        seq0, n = chunk.seq0, chunk.n
+        evs = chunk.events
+        if evs:
+            rich.extend(evs)
+        if not chunk.exits:
+            continue
+        rows = np.frombuffer(chunk.exits, dtype=_EXIT_DTYPE)
+        m = len(rows)
+        if evs:
+            keep = np.ones(n, dtype=bool)
+            keep[np.fromiter((ev["seq"] for ev in evs), dtype=np.int64, count=len(evs)) - seq0] = False
+            seqs = np.flatnonzero(keep)
+            seqs += seq0
+        else:
+            seqs = np.arange(seq0, seq0 + n, dtype=np.int64)
+        if pieces is None and pos + m > cap:  # more rows than the footer said: collect pieces instead
+            pieces = {f: [a[:pos]] for f, a in cols.items()}
+        if pieces is None:
+            end = pos + m
+            for f in _FIELDS:
+                cols[f][pos:end] = rows[f]
+            cols["seq"][pos:end] = seqs
+        else:
+            for f in _FIELDS:
+                pieces[f].append(rows[f].astype(_COLUMN_DTYPES[f]))
+            pieces["seq"].append(seqs.astype(np.int64, copy=False))
+        pos += m
+    if pieces is not None:
+        cols = {f: (np.concatenate(p) if p else np.empty(0, dtype=cols[f].dtype)) for f, p in pieces.items()}
+    elif pos < cap:  # damaged chunks were skipped
+        cols = {f: a[:pos] for f, a in cols.items()}
+    return cols, rich
+
+
+def _exits_frame(cols: dict[str, np.ndarray], ends: dict[int, int]) -> pd.DataFrame:
+    t, vcpu = cols["t_ns"], cols["vcpu"]
+    return pd.DataFrame({
+        "seq": cols["seq"],
+        "vcpu": vcpu,
+        "t_ns": t,
+        "reason": _reason_categorical(cols["reason"]),
+        "reason_code": cols["reason"],
+        "port": cols["port"],
+        "dir": cols["dir"],
+        "size": cols["size"],
+        "value": cols["value"],
+        "rip": cols["rip"],
+        "duration_ns": _durations(t, vcpu, ends),
+    }, copy=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# rich-event frames
+# --------------------------------------------------------------------------------------------------
+
+def _cmdline_bytes(ret: Any) -> int:
+    """Bytes of argument and environment strings (with their NULs) a cmdline answer puts in the guest."""
+    total = 0
+    if isinstance(ret, (list, tuple)):
+        for group in ret:
+            if isinstance(group, (list, tuple)):
+                for s in group:
+                    if isinstance(s, (bytes, bytearray, str)):
+                        total += len(s) + 1
+    return total
+
+
+def _hypercalls_frame(rich: list[dict]) -> pd.DataFrame:
+    rows: list[tuple] = []
+    pending: dict[int, list[dict]] = {}
+    for ev in rich:
+        k = ev.get("k")
+        if k == "hostio":
+            if ev.get("op") not in _NO_CALL_HOSTIO:
+                pending.setdefault(_cpu(ev), []).append(ev)
+            continue
+        if k != "hypercall":
+            continue
+        cpu = _cpu(ev)
+        hostio = pending.pop(cpu, ())
+        call = ev.get("call")
+        call = call if isinstance(call, str) else None
+        args = ev.get("args")
+        args = dict(args) if isinstance(args, dict) else {}
+        t, t_end = _t(ev), _t(ev, "t_end")
+        if "t_end" not in ev:
+            t_end = t
+        payload = _bytes(ev.get("payload"))
+        ret = _int(ev.get("ret"))
+        bytes_in = 0
+        for h in hostio:
+            bytes_in += len(_bytes(h.get("data")))
+            if call == "cmdval" and h.get("op") == "cmdline":
+                bytes_in += _cmdline_bytes(h.get("ret"))
+        path = _text(payload) if call in ("open", "unlink") and payload else None
+        fd = _int(args.get("fd")) if call in ("read", "write", "close", "lseek") else None
+        ln = _int(args.get("len")) if call in ("read", "write") else None
+        err = ev.get("error")
+        rows.append((ev.get("seq"), cpu, t, t_end, t_end - t, call, _int(ev.get("port")) or 0,
+                     _int(ev.get("addr")) or 0, args, fd, ln, path, ret, bytes_in, len(payload),
+                     err if isinstance(err, str) else None))
+    if not rows:
+        return empty_frame("hypercalls")
+    names = ["seq", "vcpu", "t_ns", "t_end_ns", "latency_ns", "call", "port", "addr", "args", "fd", "len", "path",
+             "ret", "bytes_in", "bytes_out", "error"]
+    df = pd.DataFrame.from_records(rows, columns=names)
+    df["port"] = df["port"].clip(0, 0xFFFF)
+    df["addr"] = df["addr"].clip(0, None) if df["addr"].dtype != object else df["addr"]
+    return conform(df, "hypercalls")
+
+
+def _files_frame(rich: list[dict]) -> pd.DataFrame:
+    rows: list[dict] = []
+    open_files: dict[int, dict] = {}
+    for ev in rich:
+        if ev.get("k") != "hypercall":
+            continue
+        call = ev.get("call")
+        args = ev.get("args") if isinstance(ev.get("args"), dict) else {}
+        ret = _int(ev.get("ret"))
+        if call == "open":
+            if ret is None or ret < 0:
+                continue
+            row = {"path": _text(_bytes(ev.get("payload"))), "fd": ret, "flags": _int(args.get("flags")),
+                   "mode": _int(args.get("mode")), "vcpu": _cpu(ev), "opened_seq": ev.get("seq"),
+                   "opened_t_ns": _t(ev), "closed_seq": None, "closed_t_ns": None, "reads": 0, "writes": 0,
+                   "seeks": 0, "bytes_read": 0, "bytes_written": 0}
+            open_files[ret] = row
+            rows.append(row)
+            continue
+        fd = _int(args.get("fd"))
+        f = open_files.get(fd) if fd is not None else None
+        if f is None:
+            continue
+        if call == "read":
+            f["reads"] += 1
+            if ret is not None and ret > 0:
+                f["bytes_read"] += ret
+        elif call == "write":
+            f["writes"] += 1
+            n = ret if ret is not None else len(_bytes(ev.get("payload")))
+            if n > 0:
+                f["bytes_written"] += n
+        elif call == "lseek":
+            f["seeks"] += 1
+        elif call == "close" and ret == 0:
+            f["closed_seq"], f["closed_t_ns"] = ev.get("seq"), _t(ev)
+            del open_files[fd]
+    if not rows:
+        return empty_frame("files")
+    return conform(pd.DataFrame.from_records(rows), "files")
+
+
+def _console_frame(rich: list[dict]) -> pd.DataFrame:
+    rows = []
+    for ev in rich:
+        if ev.get("k") != "console":
+            continue
+        data = _bytes(ev.get("data"))
+        stream = ev.get("stream")
+        rows.append((ev.get("seq"), _t(ev), _cpu(ev), stream if isinstance(stream, str) else None, _text(data),
+                     len(data)))
+    if not rows:
+        return empty_frame("console")
+    return conform(pd.DataFrame.from_records(rows, columns=["seq", "t_ns", "vcpu", "stream", "text", "nbytes"]),
+                   "console")
+
+
+def _virtio_frame(rich: list[dict]) -> pd.DataFrame:
+    rows = []
+    for ev in rich:
+        if ev.get("k") != "virtio":
+            continue
+        descs = ev.get("descs")
+        descs = [list(d) for d in descs if isinstance(d, (list, tuple))] if isinstance(descs, list) else None
+        msg = ev.get("message")
+        op = ev.get("op")
+        rows.append({"seq": ev.get("seq"), "t_ns": _t(ev), "vcpu": _cpu(ev), "op": op if isinstance(op, str) else None,
+                     "queue": _int(ev.get("queue")), "head": _int(ev.get("head")), "slot": _int(ev.get("slot")),
+                     "descriptors": descs, "n_descriptors": len(descs) if descs is not None else None,
+                     "length": _int(ev.get("len")), "used_idx": _int(ev.get("used_idx")),
+                     "status": _int(ev.get("status")), "message": msg if isinstance(msg, str) else None})
+    if not rows:
+        return empty_frame("virtio")
+    return conform(pd.DataFrame.from_records(rows), "virtio")
+
+
+def _mac(b: bytes) -> str:
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def parse_frame(frame: bytes) -> dict:
+    """Ethernet/ARP/IPv4/IPv6/UDP/TCP/ICMP header fields of one frame (missing ones absent)."""
+    out: dict[str, Any] = {"protocol": "other"}
+    n = len(frame)
+    if n < 14:
+        return out
+    out["eth_dst"], out["eth_src"] = _mac(frame[0:6]), _mac(frame[6:12])
+    etype = int.from_bytes(frame[12:14], "big")
+    off = 14
+    if etype == 0x8100 and n >= 18:
+        etype = int.from_bytes(frame[16:18], "big")
+        off = 18
+    out["ethertype"] = etype
+    if etype == 0x0806 and n >= off + 28:
+        out["protocol"] = "ARP"
+        out["ip_src"] = str(ipaddress.IPv4Address(frame[off + 14:off + 18]))
+        out["ip_dst"] = str(ipaddress.IPv4Address(frame[off + 24:off + 28]))
+        return out
+    if etype == 0x0800 and n >= off + 20:
+        ihl = (frame[off] & 15) * 4
+        proto = frame[off + 9]
+        out.update(protocol="IPv4", ip_proto=proto, ttl=frame[off + 8],
+                   ip_src=str(ipaddress.IPv4Address(frame[off + 12:off + 16])),
+                   ip_dst=str(ipaddress.IPv4Address(frame[off + 16:off + 20])))
+        l4 = off + max(ihl, 20)
+    elif etype == 0x86DD and n >= off + 40:
+        proto = frame[off + 6]
+        out.update(protocol="IPv6", ip_proto=proto, ttl=frame[off + 7],
+                   ip_src=str(ipaddress.IPv6Address(frame[off + 8:off + 24])),
+                   ip_dst=str(ipaddress.IPv6Address(frame[off + 24:off + 40])))
+        l4 = off + 40
+    else:
+        return out
+    if proto in (6, 17) and n >= l4 + 4:
+        out["protocol"] = "UDP" if proto == 17 else "TCP"
+        out["src_port"] = int.from_bytes(frame[l4:l4 + 2], "big")
+        out["dst_port"] = int.from_bytes(frame[l4 + 2:l4 + 4], "big")
+        if proto == 17 and n >= l4 + 6:
+            out["udp_length"] = int.from_bytes(frame[l4 + 4:l4 + 6], "big")
+    elif proto in (1, 58) and n >= l4 + 1:
+        out["protocol"] = "ICMP" if proto == 1 else "ICMPv6"
+        out["icmp_type"] = frame[l4]
+    return out
+
+
+def _packets_frame(rich: list[dict]) -> pd.DataFrame:
+    rows = []
+    for ev in rich:
+        if ev.get("k") != "net":
+            continue
+        frame = _bytes(ev.get("frame"))
+        d, via, dropped = ev.get("dir"), ev.get("via"), ev.get("dropped")
+        row = {"seq": ev.get("seq"), "t_ns": _t(ev), "vcpu": _cpu(ev), "direction": d if isinstance(d, str) else None,
+               "length": _int(ev.get("len")) if _int(ev.get("len")) is not None else len(frame),
+               "queue": _int(ev.get("queue")), "head": _int(ev.get("head")),
+               "via": via if isinstance(via, str) else None, "dropped": dropped if isinstance(dropped, str) else None,
+               "frame": frame}
+        row.update(parse_frame(frame))
+        rows.append(row)
+    if not rows:
+        return empty_frame("packets")
+    return conform(pd.DataFrame.from_records(rows), "packets")
