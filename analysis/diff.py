@@ -282,7 +282,7 @@ def _per_call(a: Trace, b: Trace) -> pd.DataFrame:
         return pd.DataFrame({"count": g.size(), "bytes_in": g["bytes_in"].sum(), "bytes_out": g["bytes_out"].sum()})
 
     ga, gb = agg(a), agg(b)
-    out = ga.join(gb, how="outer", lsuffix="_a", rsuffix="_b").fillna(0).astype("int64")
+    out = ga.add_suffix("_a").join(gb.add_suffix("_b"), how="outer").fillna(0).astype("int64")
     for c in ("count", "bytes_in", "bytes_out"):
         out[f"{c}_diff"] = out[f"{c}_b"] - out[f"{c}_a"]
     out = out.rename_axis("call").reset_index()

@@ -132,7 +132,7 @@ def to_duckdb(pattern, cache_dir: str | os.PathLike | None = None, connection=No
     ``packets`` (each with a ``trace`` column) over the Parquet exports of every matching trace::
 
         con = analysis.to_duckdb("runs/*.tvt")
-        con.sql("SELECT trace, reason, count(*) FROM exits GROUP BY ALL").df()
+        con.execute("SELECT trace, reason, count(*) FROM exits GROUP BY ALL").df()
 
     DuckDB streams the Parquet files, so the traces together may be far larger than memory."""
     try:
