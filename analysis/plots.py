@@ -1,4 +1,5 @@
-"""Plots of a trace (matplotlib, Agg canvas; no pyplot state is touched).
+"""Plots of a trace (matplotlib figures on their own Agg canvas: neither pyplot nor the backend is touched,
+so they work headless and in notebooks alike).
 
 Each function takes a loaded :class:`analysis.Trace` or a path, returns a ``matplotlib.figure.Figure`` and,
 with ``save="file.png"``, also writes it as PNG::
@@ -11,16 +12,12 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg", force=False)  # a no-op when a notebook already chose its backend
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from .frames import Trace, as_trace  # noqa: E402
+from .frames import Trace, as_trace
 
 __all__ = ["exit_rate", "hypercall_latency", "io_bytes", "vcpu_activity", "all_plots"]
 

@@ -95,8 +95,8 @@ class Console:
     """Line-buffered guest console on the host's stdout/stderr (as uhyve's Rust stdout)."""
 
     def __init__(self, out_fd: int | None = None, err_fd: int | None = None, quiet: bool = False) -> None:
-        self.out_fd = sys.stdout.fileno() if out_fd is None else out_fd
-        self.err_fd = sys.stderr.fileno() if err_fd is None else err_fd
+        self._out = _writer(sys.stdout, out_fd)
+        self._err = _writer(sys.stderr, err_fd)
         self.quiet = quiet
         self._buf = bytearray()
         self._lock = threading.Lock()
@@ -108,12 +108,12 @@ class Console:
         if stream == "stderr":
             with self._lock:
                 self._flush_locked()
-                _write_all(self.err_fd, data)
+                self._err(data)
             return
         if len(data) >= 8192:  # a big WRITE goes out as is: copying it into the line buffer doubles it
             with self._lock:
                 self._flush_locked()
-                _write_all(self.out_fd, data)
+                self._out(data)
             return
         buf = self._buf
         buf += data
@@ -125,11 +125,34 @@ class Console:
         if buf:
             data = bytes(buf)
             del buf[:len(data)]  # bytes appended meanwhile by another vCPU stay queued
-            _write_all(self.out_fd, data)
+            self._out(data)
 
     def flush(self) -> None:
         with self._lock:
             self._flush_locked()
+
+
+def _writer(stream, fd: int | None):
+    """Where console bytes go: ``fd`` when given, else the stream's file descriptor, else (a notebook kernel's
+    stdout has none) the stream object itself, decoded as UTF-8 with replacement."""
+    if fd is None and stream is not None:
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError):  # io.UnsupportedOperation is both
+            fd = None
+    if fd is not None:
+        return functools.partial(_write_all, fd)
+    if stream is None:
+        return lambda data: None
+
+    def write(data: bytes) -> None:
+        try:
+            stream.write(data.decode("utf-8", "replace"))
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # the stream went away: drop guest output, keep running
+
+    return write
 
 
 def _write_all(fd: int, data: bytes) -> None:
