@@ -48,8 +48,14 @@ def export_main(ns) -> int:
     out = ns.output or _default_output(ns.trace, ns.format)
     try:
         if ns.format == "perfetto":
-            export.to_perfetto(tr, out, exits=getattr(ns, "exits", None) or "auto")
-            what = f"{len(tr.hypercalls)} hypercalls and {len(tr.exits)} exits as Chrome trace events " \
+            mode = getattr(ns, "exits", None) or "auto"
+            export.to_perfetto(tr, out, exits=mode)
+            if mode == "auto":
+                mode = "instant" if len(tr.exits) <= export.AUTO_INSTANT_LIMIT else "counter"
+            exits = {"instant": f"{len(tr.exits)} exits as instant events",
+                     "counter": f"{len(tr.exits)} exits as per-vCPU exit-rate counters",
+                     "none": "no exits"}[mode]
+            what = f"{len(tr.hypercalls)} hypercalls as slices and {exits} in Chrome trace-event JSON " \
                    "(open in ui.perfetto.dev)"
         elif ns.format == "parquet":
             export.to_parquet(tr, out)

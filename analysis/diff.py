@@ -26,6 +26,7 @@ from .frames import Trace, as_trace
 COMPARED_KINDS = ("hypercall", "hostio", "console", "mmio", "vcpu", "virtio", "net", "stop")
 _KIND_CODE = {k: i + 1 for i, k in enumerate(COMPARED_KINDS)}  # 0 = exit
 EXIT_COMPARED = ("reason_code", "rip", "port", "dir", "size", "value")
+_EXIT_FIELD = {"reason_code": "reason"}  # the frame column -> the field name shown (and ignorable) in a diff
 IGNORED_FIELDS = frozenset({"seq", "t", "t_end", "cpu"})
 HEADER_COMPARED = ("kernel.sha256", "argv", "env", "cpus", "memory")
 
@@ -110,7 +111,8 @@ def _first_difference(sa: _Stream | None, sb: _Stream | None, ignore: frozenset[
             eb = sb.tr.exits.iloc[sb.exit_rows[:ne]]
             bad = np.zeros(ne, dtype=bool)
             for col in EXIT_COMPARED:
-                bad |= ea[col].to_numpy() != eb[col].to_numpy()
+                if _EXIT_FIELD.get(col, col) not in ignore:
+                    bad |= ea[col].to_numpy() != eb[col].to_numpy()
             idx = np.flatnonzero(bad)
             if len(idx):
                 p = min(p, int(sa.exit_pos[idx[0]]))
@@ -301,5 +303,11 @@ def _per_reason(a: Trace, b: Trace) -> pd.DataFrame:
 
 
 def diff(a: "Trace | str | os.PathLike", b: "Trace | str | os.PathLike", ignore: tuple[str, ...] = ()) -> TraceDiff:
-    """Compare two traces (paths or loaded traces); ``ignore`` names more event fields not to compare."""
-    return TraceDiff(as_trace(a), as_trace(b), IGNORED_FIELDS | frozenset(ignore))
+    """Compare two traces (paths or loaded traces); ``ignore`` names more event fields not to compare (exit
+    fields too: reason, rip, port, dir, size, value)."""
+    ta, tb = as_trace(a), as_trace(b)
+    for tr in (ta, tb):
+        if not tr.has_events:
+            raise ValueError(f"{tr.path}: a trace read back from an export has no events to align; "
+                             "diff the .tvt files")
+    return TraceDiff(ta, tb, IGNORED_FIELDS | frozenset(ignore))

@@ -260,7 +260,7 @@ def _trace_from(indir: str, frames: dict[str, pd.DataFrame]) -> Trace:
     meta = _read_meta(indir)
     exits = frames.pop("exits")
     return Trace(meta.get("path") or indir, meta.get("header") or {}, meta.get("footer"), list(meta.get("warnings") or []),
-                 bool(meta.get("complete", True)), exits, rich=[], frames=frames)
+                 bool(meta.get("complete", True)), exits, rich=None, frames=frames)
 
 
 def read_parquet(indir: str | os.PathLike) -> Trace:

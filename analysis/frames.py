@@ -1,9 +1,9 @@
 """``analysis.load(path)``: a trace as typed pandas DataFrames.
 
 The exit rows are the bulk of a trace; they are loaded without any per-exit Python work: the reader's
-chunks hand over their packed 27-byte rows, which are concatenated and viewed with one ``numpy.frombuffer``
-(``schema.EXIT_DTYPE_FIELDS``), and their seqs come from the chunk rule (the chunk's seqs not used by a rich
-event).  Rich events (hypercalls, console output, ...) are few and become the other frames on first use.
+chunks hand over their packed 27-byte rows, each chunk's rows are viewed with ``numpy.frombuffer``
+(``schema.EXIT_DTYPE_FIELDS``) and copied field by field into preallocated columns, and their seqs come from
+the chunk rule (the chunk's seqs not used by a rich event).  Rich events (hypercalls, console output, ...) are few and become the other frames on first use.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ class Trace:
         self.complete = complete
         self.exits = exits
         self._rich = rich if rich is not None else []
+        #: False for a trace read back from a Parquet/CSV export: it has the frames but not the rich events
+        #: (``events()`` is empty), so the event-by-event diff and the vCPU run slices are not available.
+        self.has_events = rich is not None
         for name, df in (frames or {}).items():
             self.__dict__[name] = df  # pre-built frames (read back from an export) shadow the builders
 
@@ -151,9 +154,9 @@ class Trace:
         return stats(self, by=by)
 
     def __repr__(self) -> str:
-        n_calls = sum(1 for ev in self._rich if ev.get("k") == "hypercall")
-        return (f"<analysis.Trace {os.path.basename(self.path)}: {len(self.exits)} exits, {n_calls} hypercalls, "
-                f"{len(self._rich)} rich events{'' if self.complete else ', incomplete'}>")
+        rich = f", {len(self._rich)} rich events" if self.has_events else ", read back from an export"
+        return (f"<analysis.Trace {os.path.basename(self.path)}: {len(self.exits)} exits, {len(self.hypercalls)} "
+                f"hypercalls{rich}{'' if self.complete else ', incomplete'}>")
 
 
 def load(path: str | os.PathLike) -> Trace:

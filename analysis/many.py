@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob as _glob
 import hashlib
 import os
+import shutil
 from typing import Iterable
 
 import pandas as pd
@@ -93,9 +94,10 @@ def default_cache_dir() -> str:
 def parquet_exports(pattern, cache_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
     """(trace name, export directory) for every matching trace, exporting those not yet in the cache.
 
-    A trace's export lives in ``cache_dir/<name>-<hash of its absolute path, size and mtime>/`` and carries a
-    ``trace`` column, so a changed trace is exported again.  Only one trace is in memory at a time.  A
-    directory already holding ``exits.parquet`` in the match is used as it is."""
+    A trace's export lives in ``cache_dir/<name>-<hash of its absolute path>-<hash of size and mtime>/`` and
+    carries a ``trace`` column.  A changed trace is exported again and its older exports are deleted, so the
+    cache holds one export per trace path.  Only one trace is in memory at a time.  A directory already
+    holding ``exits.parquet`` in the match is used as it is."""
     from .export import to_parquet
 
     cache = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -112,17 +114,20 @@ def parquet_exports(pattern, cache_dir: str | os.PathLike | None = None) -> list
             out.append((name, path))
             continue
         st = os.stat(path)
-        key = hashlib.sha256(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        target = os.path.join(cache, f"{os.path.basename(name)}-{key}")
+        where = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
+        version = hashlib.sha256(f"{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:8]
+        prefix = f"{os.path.basename(name)}-{where}-"
+        target = os.path.join(cache, prefix + version)
         if not os.path.exists(os.path.join(target, "meta.json")):  # meta.json is written last
             tmp = target + f".tmp{os.getpid()}"
             to_parquet(path, tmp, trace_name=name)
             try:
                 os.replace(tmp, target)
             except OSError:  # another process finished the same export first
-                import shutil
-
                 shutil.rmtree(tmp, ignore_errors=True)
+            for old in _glob.glob(os.path.join(_glob.escape(cache), _glob.escape(prefix) + "*")):
+                if old != target and ".tmp" not in os.path.basename(old):
+                    shutil.rmtree(old, ignore_errors=True)  # an export of an older version of this trace
         out.append((name, target))
     return out
 

@@ -414,6 +414,25 @@ def test_export_defaults_and_errors(tmp_path):
         assert r.returncode == 0 and (tmp_path / made).exists(), r.stderr
     r = run_cli("export", "h.tvt", "--format", "csv", "--direction", "rx", cwd=tmp_path)
     assert r.returncode == 1 and b"--direction" in r.stderr
+    for fmt in ("csv", "pcap"):  # --exits shapes the Perfetto export only
+        r = run_cli("export", "h.tvt", "--format", fmt, "--exits", "none", cwd=tmp_path)
+        assert r.returncode == 1 and r.stderr == b"tracevisor: error: --exits applies to --format perfetto only\n"
+    for mode, said in (("none", b"no exits"), ("counter", b"4 exits as per-vCPU exit-rate counters"),
+                       ("instant", b"4 exits as instant events")):
+        r = run_cli("export", "h.tvt", "--format", "perfetto", "--exits", mode, "-o", f"{mode}.json", cwd=tmp_path)
+        assert r.returncode == 0 and said in r.stderr, r.stderr
+        phases = {e["ph"] for e in json.loads((tmp_path / f"{mode}.json").read_text())["traceEvents"]
+                  if e.get("cat") == "exit"}
+        assert phases == {"none": set(), "counter": {"C"}, "instant": {"i"}}[mode], (mode, phases)
+
+
+def test_frames_read_back_from_an_export_say_so(loaded, tmp_path):
+    analysis.to_parquet(loaded["files"], tmp_path / "p")
+    back = analysis.read_parquet(tmp_path / "p")
+    assert not back.has_events and loaded["files"].has_events
+    assert "47 exits, 47 hypercalls, read back from an export" in repr(back)
+    with pytest.raises(ValueError, match="read back from an export"):
+        analysis.diff(back, loaded["files"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,6 +477,18 @@ def test_diff_of_two_runs_with_different_args():
     # different kernels: the first exit already differs
     d = analysis.diff(sample("files"), sample("hello"))
     assert d.first["kind_a"] == "exit" and "kernel.sha256" in d.header["field"].tolist()
+
+
+def test_diff_ignore_applies_to_exit_fields_too():
+    # files and hello are different kernels: their first exits differ in RIP (and the port block address)
+    d = analysis.diff(sample("files"), sample("hello"))
+    assert (d.first["seq_a"], d.first["kind_a"]) == (3, "exit")  # CMDSIZE's OUT, from another RIP
+    assert list(d.fields[d.fields.differs].field) == ["rip", "value"]
+    d = analysis.diff(sample("files"), sample("hello"), ignore=("rip", "value"))
+    assert (d.first["seq_a"], d.first["kind_a"]) == (4, "hostio")  # then the command lines differ
+    assert list(d.fields[d.fields.differs].field) == ["ret"]
+    r = run_cli("diff", "--ignore", "rip", "--ignore", "value", str(sample("files")), str(sample("hello")))
+    assert r.returncode == 1 and b"seq 4 (hostio)" in r.stdout
 
 
 def test_diff_trouble_is_status_2(tmp_path):

@@ -7,6 +7,8 @@ known in advance.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import analysis
@@ -94,6 +96,20 @@ def test_to_duckdb_queries_parquet_exports_of_every_trace(many, tmp_path):
     con2 = analysis.to_duckdb(str(d / "*.tvt"), cache_dir=tmp_path / "cache")
     assert [p.joinpath("exits.parquet").stat().st_mtime_ns for p in sorted((tmp_path / "cache").iterdir())] == mtimes
     assert con2.execute("SELECT count(*) FROM exits").fetchone()[0] == sum(e[0] for e in expected.values())
+
+
+def test_the_cache_keeps_one_export_per_trace(tmp_path):
+    src = tmp_path / "runs"
+    src.mkdir()
+    write_compute_like(src / "a.tvt", 10, 0)
+    cache = tmp_path / "cache"
+    first = dict(analysis.many.parquet_exports(str(src / "*.tvt"), cache))
+    assert first["a"] and len(list(cache.iterdir())) == 1
+    write_compute_like(src / "a.tvt", 20, 1)  # the trace changes: exported again, the old export goes
+    os.utime(src / "a.tvt", ns=(1, 1))
+    second = dict(analysis.many.parquet_exports(str(src / "*.tvt"), cache))
+    assert second["a"] != first["a"] and [p.name for p in cache.iterdir()] == [os.path.basename(second["a"])]
+    assert len(analysis.load_many(str(src / "*.tvt"))) == 24
 
 
 def test_to_dask_reads_the_same_exports(many, tmp_path):

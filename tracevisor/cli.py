@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file, or directory for parquet/csv (default: TRACE with the format's suffix: "
                         ".pcap, .perfetto.json, -parquet/, -csv/)")
     p.add_argument("--direction", choices=["rx", "tx"], help="pcap: only received or only sent frames")
-    p.add_argument("--exits", choices=["auto", "instant", "counter", "none"], default="auto",
+    p.add_argument("--exits", choices=["auto", "instant", "counter", "none"], default=None,
                    help="perfetto: exits as instant events, as per-vCPU exit-rate counters, or not at all "
                         "(auto: instants up to 200000 exits)")
     p.set_defaults(func=cmd_export)
@@ -481,14 +481,23 @@ def cmd_stats(ns: argparse.Namespace) -> int:
 
 
 def cmd_diff(ns: argparse.Namespace) -> int:
-    return _analysis_cli().diff_main(ns)
+    try:
+        cli = _analysis_cli()
+    except TracevisorError as e:  # diff(1)'s convention: 1 means "different", trouble is 2
+        print(f"tracevisor: error: {e}", file=sys.stderr)
+        return 2
+    return cli.diff_main(ns)
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
     if ns.format != "pcap":
         if ns.direction:
             raise TracevisorError("--direction applies to --format pcap only")
+        if ns.exits is not None and ns.format != "perfetto":
+            raise TracevisorError("--exits applies to --format perfetto only")
         return _analysis_cli().export_main(ns)
+    if ns.exits is not None:
+        raise TracevisorError("--exits applies to --format perfetto only")
     from .pcap import write_pcap
 
     _open_trace(ns.trace).close()  # a clear one-line error for a file that is not a trace

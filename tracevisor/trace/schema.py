@@ -341,14 +341,16 @@ HEADER_FIELDS: tuple[Field, ...] = (
     Field("created", "str", "wall-clock start, ISO 8601 UTC, e.g. `2025-03-01T12:00:00.123456Z` (writer fills it when absent)"),
     Field("created_ns", "int", "the same instant as ns since the Unix epoch (writer fills it when absent)"),
     Field("compression", "str|nil", "\"zstd\" when the writer compressed chunks, else nil (writer fills it)"),
-    Field("kernel", "map", "`{path: str, sha256: str (hex), size: int}` of the guest image"),
+    Field("kernel", "map", "`{path: str, sha256: str (hex), size: int, entry_version: int|nil, pie: bool}` of the "
+                           "guest image (entry_version: the Hermit note's boot-info version, nil for a plain ELF)"),
     Field("memory", "int", "guest RAM in bytes"),
     Field("cpus", "int", "number of vCPUs"),
     Field("argv", "list", "guest argument strings (argv[0] first)"),
     Field("env", "list", "guest environment strings \"K=V\""),
     Field("mounts", "list", "list of maps describing host directories visible to the guest"),
     Field("cpuid", "list", "CPUID entries given to the guest: [function, index, flags, eax, ebx, ecx, edx]"),
-    Field("host", "map", "`{uname: str, kvm_api: int, python: str}`"),
+    Field("host", "map", "`{uname: str, kvm_api: int, python: str, tsc_khz: int, irqchip: bool, caps: map}` "
+                         "(caps: the KVM capabilities the run used, e.g. sync_regs, irqchip, immediate_exit)"),
     Field("determinism", "map", "`{notes: str or list of str, ...}`: what may differ when the run is replayed"),
     Field("options", "map", "free-form recorder options"),
 )
