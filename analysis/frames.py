@@ -9,7 +9,6 @@ the chunk rule (the chunk's seqs not used by a rich event).  Rich events (hyperc
 from __future__ import annotations
 
 import gc
-import ipaddress
 import os
 from functools import cached_property
 from typing import Any, Iterable, Iterator
@@ -17,6 +16,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
+from tracevisor.netparse import parse_frame
 from tracevisor.trace import open_trace
 from tracevisor.trace.schema import EXIT_DTYPE_FIELDS, EXIT_REASONS, EXIT_ROW_SIZE
 
@@ -452,55 +452,6 @@ def _virtio_frame(rich: list[dict]) -> pd.DataFrame:
     if not rows:
         return empty_frame("virtio")
     return conform(pd.DataFrame.from_records(rows), "virtio")
-
-
-def _mac(b: bytes) -> str:
-    return ":".join(f"{x:02x}" for x in b)
-
-
-def parse_frame(frame: bytes) -> dict:
-    """Ethernet/ARP/IPv4/IPv6/UDP/TCP/ICMP header fields of one frame (missing ones absent)."""
-    out: dict[str, Any] = {"protocol": "other"}
-    n = len(frame)
-    if n < 14:
-        return out
-    out["eth_dst"], out["eth_src"] = _mac(frame[0:6]), _mac(frame[6:12])
-    etype = int.from_bytes(frame[12:14], "big")
-    off = 14
-    if etype == 0x8100 and n >= 18:
-        etype = int.from_bytes(frame[16:18], "big")
-        off = 18
-    out["ethertype"] = etype
-    if etype == 0x0806 and n >= off + 28:
-        out["protocol"] = "ARP"
-        out["ip_src"] = str(ipaddress.IPv4Address(frame[off + 14:off + 18]))
-        out["ip_dst"] = str(ipaddress.IPv4Address(frame[off + 24:off + 28]))
-        return out
-    if etype == 0x0800 and n >= off + 20:
-        ihl = (frame[off] & 15) * 4
-        proto = frame[off + 9]
-        out.update(protocol="IPv4", ip_proto=proto, ttl=frame[off + 8],
-                   ip_src=str(ipaddress.IPv4Address(frame[off + 12:off + 16])),
-                   ip_dst=str(ipaddress.IPv4Address(frame[off + 16:off + 20])))
-        l4 = off + max(ihl, 20)
-    elif etype == 0x86DD and n >= off + 40:
-        proto = frame[off + 6]
-        out.update(protocol="IPv6", ip_proto=proto, ttl=frame[off + 7],
-                   ip_src=str(ipaddress.IPv6Address(frame[off + 8:off + 24])),
-                   ip_dst=str(ipaddress.IPv6Address(frame[off + 24:off + 40])))
-        l4 = off + 40
-    else:
-        return out
-    if proto in (6, 17) and n >= l4 + 4:
-        out["protocol"] = "UDP" if proto == 17 else "TCP"
-        out["src_port"] = int.from_bytes(frame[l4:l4 + 2], "big")
-        out["dst_port"] = int.from_bytes(frame[l4 + 2:l4 + 4], "big")
-        if proto == 17 and n >= l4 + 6:
-            out["udp_length"] = int.from_bytes(frame[l4 + 4:l4 + 6], "big")
-    elif proto in (1, 58) and n >= l4 + 1:
-        out["protocol"] = "ICMP" if proto == 1 else "ICMPv6"
-        out["icmp_type"] = frame[l4]
-    return out
 
 
 def _packets_frame(rich: list[dict]) -> pd.DataFrame:

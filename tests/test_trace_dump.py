@@ -49,7 +49,8 @@ def test_other_kinds_are_readable():
                  "write": True}) == "mmio write 0xfee00000 len=4 data=01000000"
     assert body({**base, "k": "vcpu", "state": "stop", "reason": "exit"}) == "vcpu stop (exit)"
     assert body({**base, "k": "stop", "code": 3, "reason": "exit"}) == "stop reason=exit code=3"
-    assert body({**base, "k": "net", "frame": b"\xff" * 40}).startswith('net frame="\\xff')
+    assert body({**base, "k": "net", "frame": b"\xff" * 40}) == \
+        "net ? 40 B: ethertype 0xffff ff:ff:ff:ff:ff:ff > ff:ff:ff:ff:ff:ff"
     # missing fields never raise
     assert format_event({"k": "hypercall"})
     assert format_event({})
@@ -87,3 +88,24 @@ def test_info_text(tmp_path):
     cut.write_bytes(data[: len(data) - 40])
     text = info_text(open_trace(cut))
     assert "incomplete" in text and "warnings:" in text and "recorder killed?" in text
+
+
+def test_network_events_read_like_tcpdump():
+    import net_frames as nf
+
+    base = {"seq": 1, "cpu": 0, "t": 0, "k": "net"}
+    arp = nf.arp_request()
+    assert body({**base, "dir": "rx", "len": len(arp), "frame": arp, "queue": 0, "head": 3, "via": "isr"}) == \
+        f"net rx {len(arp)} B: ARP who-has 10.0.0.2 tell 10.0.0.1 (queue 0 head 3 via isr)"
+    ping = nf.icmp_echo(1)
+    assert body({**base, "dir": "rx", "frame": ping}) == f"net rx {len(ping)} B: 10.0.0.1 > 10.0.0.2 ICMP echo request"
+    dgram = nf.udp(40000, 7, b"hello")
+    assert body({**base, "dir": "tx", "frame": dgram, "dropped": "queue full"}) == \
+        f"net tx {len(dgram)} B: 10.0.0.1:40000 > 10.0.0.2:7 UDP 5 bytes DROPPED ('queue full')"
+    assert body({**base, "dir": "rx", "frame": b"\x01\x02"}) == "net rx 2 B: short frame (2 bytes)"
+    chain = {"seq": 2, "cpu": 0, "t": 0, "k": "virtio", "op": "chain", "queue": 1, "head": 0,
+             "descs": [[0, 0x4C9000, 10, 1, 1], [1, 0x4CA000, 60, 0, 0]], "len": 70, "used_idx": 1}
+    assert body(chain) == "virtio chain queue 1 head 0: [0] 0x4c9000+10 ro, [1] 0x4ca000+60 ro; used len=70 idx=1"
+    chain = {**chain, "queue": 0, "descs": [[5, 0x4D1000, 2048, 2, 0]]}
+    assert body(chain) == "virtio chain queue 0 head 0: [5] 0x4d1000+2048 wo; used len=70 idx=1"
+    assert body({**chain, "descs": "junk", "len": None})  # hostile fields never raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Mapping
 
+from .. import netparse
 from .reader import TraceReader
 from .schema import DIR_OUT, EXIT_IO, reason_name
 
@@ -146,6 +147,32 @@ def _exit(ev: Mapping[str, Any]) -> str:
     return text
 
 
+def _net(ev: Mapping[str, Any]) -> str:
+    """``net rx 42 B: ARP who-has 10.0.0.2 tell 10.0.0.1 (queue 0 head 0 via isr)``."""
+    frame = ev.get("frame")
+    frame = bytes(frame) if isinstance(frame, (bytes, bytearray)) else b""
+    length = ev.get("len") if type(ev.get("len")) is int else len(frame)
+    where = [f"{key} {ev[key]}" for key in ("queue", "head", "via") if isinstance(ev.get(key), (int, str))]
+    text = f"net {ev.get('dir', '?')} {length} B: {netparse.summary(frame)}"
+    if ev.get("dropped"):
+        text += f" DROPPED ({_value(ev['dropped'])})"
+    return text + (f" ({' '.join(where)})" if where else "")
+
+
+def _chain(ev: Mapping[str, Any]) -> str:
+    """``virtio chain queue 1 head 0: [0] 0x4c9000+70 ro; used len=70 idx=1``: each descriptor as
+    address+length, ``wo`` when the device writes it (VIRTQ_DESC_F_WRITE), else ``ro``."""
+    descs = ev.get("descs") if isinstance(ev.get("descs"), list) else []
+    shown = []
+    for d in descs[:8]:
+        if isinstance(d, (list, tuple)) and len(d) >= 4 and all(type(x) is int for x in d[:4]):
+            shown.append(f"[{d[0]}] 0x{d[1]:x}+{d[2]} {'wo' if d[3] & 2 else 'ro'}")
+    if len(descs) > 8:
+        shown.append(f"... {len(descs)} descriptors")
+    text = f"virtio chain queue {_value(ev.get('queue'))} head {_value(ev.get('head'))}: " + ", ".join(shown)
+    return text + f"; used len={_value(ev.get('len'))} idx={_value(ev.get('used_idx'))}"
+
+
 def _body(ev: Mapping[str, Any]) -> str:
     k = ev.get("k")
     if k == "exit":
@@ -168,6 +195,10 @@ def _body(ev: Mapping[str, Any]) -> str:
         return f"mmio {rw} {_hex(ev.get('addr'))} len={_value(ev.get('len'))} data={shown}"
     if k == "vcpu":
         return f"vcpu {ev.get('state', '?')}" + (f" ({ev['reason']})" if ev.get("reason") else "")
+    if k == "net":
+        return _net(ev)
+    if k == "virtio" and ev.get("op") == "chain":
+        return _chain(ev)
     if k == "stop":
         text = f"stop reason={ev.get('reason', '?')} code={_value(ev.get('code'))}"
         report = ev.get("report")
