@@ -46,3 +46,32 @@ def test_examples_lists_and_locates(guests):
     assert r.returncode == 0 and r.stdout.strip().endswith(b"hello")
     r = run_cli("examples", "nope")
     assert r.returncode == 1 and b"no example named" in r.stderr
+
+
+@pytest.mark.parametrize("text, size", [("64M", 64 << 20), ("64MiB", 64 << 20), ("1.5G", 3 << 29),
+                                        ("0x1e00000", 0x1E00000), ("0x1b", 0x1B), ("67108864", 64 << 20),
+                                        ("6.4e7", 64_000_000)])
+def test_sizes(text, size):
+    from tracevisor.machine import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-m", "0"], b"bad size '0': must be positive"),
+    (["--memory=-64M"], b"bad size '-64M': must be positive"),
+    (["-m", "nanM"], b"bad size 'nanM'"),
+    (["--timeout", "nan"], b"--timeout nan: must be a positive number of seconds"),
+    (["--timeout", "inf"], b"--timeout inf: must be a positive number of seconds"),
+    (["--timeout", "-1"], b"--timeout -1.0: must be a positive number of seconds"),
+])
+def test_bad_numbers_are_refused_in_one_line(tmp_path, argv, message):
+    r = run_cli("run", *argv, str(tmp_path / "no-such-kernel"))
+    assert r.returncode == 1 and r.stderr.startswith(b"tracevisor: error: ") and message in r.stderr, r.stderr
+    assert r.stderr.count(b"\n") == 1
+
+
+def test_max_trace_size_must_be_positive(tmp_path):
+    r = run_cli("record", "--max-trace-size", "0", "-o", str(tmp_path / "t.tvt"), str(tmp_path / "no-such-kernel"))
+    assert r.returncode == 1 and b"bad size '0': must be positive" in r.stderr, r.stderr
+    assert not (tmp_path / "t.tvt").exists()

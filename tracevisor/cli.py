@@ -183,8 +183,8 @@ def vm_setup(ns: argparse.Namespace):
                       verbose=ns.verbose, pit=ns.pit, timeout=ns.timeout,
                       net=net if net and net != "none" else None)
     config.validate()
-    if ns.timeout is not None and ns.timeout <= 0:
-        raise TracevisorError("--timeout must be positive")
+    if ns.timeout is not None and not (0 < ns.timeout < float("inf")):  # also refuses nan
+        raise TracevisorError(f"--timeout {ns.timeout}: must be a positive number of seconds")
     image = load_kernel(ns.kernel, memory)
     mounts = [parse_mount(m) for m in ns.mount]
     for e in ns.env:
@@ -313,8 +313,8 @@ def cmd_record(ns: argparse.Namespace) -> int:
     from .machine import Machine, StopInfo, STATUS_ERROR, parse_size
     from .trace import TraceWriter
 
-    config, image, sandbox, argv, env = vm_setup(ns)
     max_bytes = parse_size(ns.max_trace_size) if ns.max_trace_size else None
+    config, image, sandbox, argv, env = vm_setup(ns)
     machine = Machine(config, image)
     started = time.monotonic()
     try:

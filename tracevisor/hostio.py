@@ -17,6 +17,7 @@ import errno
 import functools
 import os
 import select
+import stat
 import sys
 import threading
 import time
@@ -94,9 +95,13 @@ class HostIO:
 class Console:
     """Line-buffered guest console on the host's stdout/stderr (as uhyve's Rust stdout)."""
 
+    #: After :meth:`cancel`, how long output may still wait for a reader before it is dropped (s).
+    CANCEL_GRACE_S = 2.0
+
     def __init__(self, out_fd: int | None = None, err_fd: int | None = None, quiet: bool = False) -> None:
-        self._out = _writer(sys.stdout, out_fd)
-        self._err = _writer(sys.stderr, err_fd)
+        self._give_up_at: float | None = None  # monotonic deadline once cancelled
+        self._out = _writer(sys.stdout, out_fd, self._gave_up)
+        self._err = _writer(sys.stderr, err_fd, self._gave_up)
         self.quiet = quiet
         self._buf = bytearray()
         self._lock = threading.Lock()
@@ -131,16 +136,32 @@ class Console:
         with self._lock:
             self._flush_locked()
 
+    def cancel(self) -> None:
+        """The VM is stopping: output still goes out, but a write to a pipe nobody reads waits at most
+        CANCEL_GRACE_S more, then the rest is dropped (the vCPU thread must not hang on it)."""
+        if self._give_up_at is None:
+            self._give_up_at = time.monotonic() + self.CANCEL_GRACE_S
 
-def _writer(stream, fd: int | None):
+    def _gave_up(self) -> bool:
+        return self._give_up_at is not None and time.monotonic() >= self._give_up_at
+
+
+def _writer(stream, fd: int | None, gave_up=lambda: False):
     """Where console bytes go: ``fd`` when given, else the stream's file descriptor, else (a notebook kernel's
-    stdout has none) the stream object itself, decoded as UTF-8 with replacement."""
+    stdout has none) the stream object itself, decoded as UTF-8 with replacement.  Pipes and sockets are
+    written only when poll says they take data, so that ``gave_up()`` can end a wait for a reader."""
     if fd is None and stream is not None:
         try:
             fd = stream.fileno()
         except (OSError, ValueError):  # io.UnsupportedOperation is both
             fd = None
     if fd is not None:
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            return functools.partial(_write_all, fd)
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            return functools.partial(_write_polled, fd, gave_up)
         return functools.partial(_write_all, fd)
     if stream is None:
         return lambda data: None
@@ -170,6 +191,34 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _write_polled(fd: int, gave_up, data: bytes) -> None:
+    """Write to a pipe or socket in PIPE_BUF pieces, each after poll() reports room, checking ``gave_up``
+    while waiting: a blocking write to a full pipe could not be interrupted."""
+    view = memoryview(data)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while view:
+        try:
+            ready = poller.poll(100)
+        except InterruptedError:
+            continue
+        if not ready:
+            if gave_up():
+                return
+            continue
+        if ready[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+            return  # the reader went away: drop guest output, keep running
+        try:
+            n = os.write(fd, view[:select.PIPE_BUF])
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
+        view = view[n:]
+
+
 class ConsoleBackend(HostIO):
     """Guest output to a :class:`Console` (``self.console_out``): shared by the live and replaying backends."""
 
@@ -183,6 +232,9 @@ class ConsoleBackend(HostIO):
 
     def flush(self):
         self.console_out.flush()
+
+    def cancel(self):
+        self.console_out.cancel()
 
 
 @dataclass
@@ -288,6 +340,7 @@ class LiveHostIO(ConsoleBackend):
 
     def cancel(self):
         self._cancelled.set()
+        super().cancel()
 
     def write(self, cpu, fd, data):
         if fd in (STDOUT, STDERR) and fd not in self.closed_stdio:

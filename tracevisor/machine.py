@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import os
 import signal
 import struct
@@ -40,6 +41,7 @@ MAX_MEMORY = 0xD000_0000  # uhyve's slot 0 ends at 3.25 GiB; tracevisor keeps gu
 DEFAULT_MEMORY = 64 * MIB
 MAX_CPUS = 64
 AP_STAGGER_S = 0.05  # uhyve starts vCPU n after n × 50 ms
+MAX_NOTES = 32  # distinct unknown ports/MMIO addresses reported before going quiet
 WATCHDOG_PERIOD_S = 1.0
 KICK_SIGNAL = signal.SIGRTMIN
 
@@ -179,7 +181,7 @@ class Machine:
         self.booted = False
         self._stop_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._unknown_in_logged: set[int] = set()
+        self._noted: set[tuple[str, int]] = set()  # unknown IN ports / MMIO addresses already logged
         self.exit_hooks: list[Callable] = []
         self.stop_conditions: list[Callable[[], "StopInfo | None"]] = []  # polled by the main thread
         self.caps = {
@@ -598,11 +600,22 @@ class Machine:
             f"guest wrote to unknown I/O port {port:#x} (size {size}, value {value:#x}) at rip {rip:#x}"))
 
     def _unknown_in(self, v, port, size, rip) -> int:
-        if port not in self._unknown_in_logged:
-            self._unknown_in_logged.add(port)
+        if self._first_note("port", port):
             self.log(f"vCPU {v.cpu} read unknown I/O port {port:#x} (size {size}) at rip {rip:#x}; "
                      "answered all-ones")
         return 0xFFFF_FFFF
+
+    def _first_note(self, kind: str, key: int) -> bool:
+        """True the first time (kind, key) is seen, for at most MAX_NOTES keys: a guest touching many ports
+        or addresses gets a bounded number of lines (and of remembered keys), then one line saying so."""
+        if (kind, key) in self._noted or len(self._noted) > MAX_NOTES:
+            return False
+        self._noted.add((kind, key))
+        if len(self._noted) > MAX_NOTES:
+            self.log(f"more than {MAX_NOTES} unknown I/O ports or MMIO addresses touched; "
+                     "not reporting further ones")
+            return False
+        return True
 
     def _debug_exit(self, v: VcpuState, rip: int) -> None:
         """A single-step or hardware-breakpoint exit: pause the VM; the debugger decides what is next."""
@@ -628,8 +641,7 @@ class Machine:
             data = bytes(mmio.data[:length])
             if self.trace is not None:
                 self.trace.event("mmio", v.cpu, self.now(), addr=addr, len=length, data=data, write=write)
-            if addr not in self._unknown_in_logged:
-                self._unknown_in_logged.add(addr)
+            if self._first_note("mmio", addr):
                 self.log(f"vCPU {v.cpu} {'wrote' if write else 'read'} {length} bytes at {addr:#x}, "
                          f"outside guest RAM (rip {rip:#x}); " + ("ignored" if write else "answered all-ones"))
             return
@@ -648,11 +660,14 @@ class Machine:
             sub = ie.suberror
             what = U.INTERNAL_ERROR_SUBERRORS.get(sub, "unknown")
             hints = []
-            if sub == 1:
+            if sub == 1 and not self._rip_outside_ram(v):
                 hints.append("this host's KVM could not emulate the instruction at rip; nested or "
                              "paravirtualised KVM hands x87/SSE instructions to its emulator, which lacks "
                              "most of them: build guests with -mgeneral-regs-only, or run on a host with "
                              "direct KVM")
+            elif sub == 1:
+                hints.append("rip points outside guest RAM: the guest jumped to an address with no memory "
+                             "(a bad function pointer or return address?)")
             raise VmStop(self._fault(
                 v, "fault", f"KVM internal error on vCPU {v.cpu}: suberror {sub} ({what})",
                 extra={"suberror": sub, "data": [ie.data[i] for i in range(min(ie.ndata, 16))]},
@@ -688,10 +703,22 @@ class Machine:
     def code_bytes(self, rip: int, cr3: int, n: int = 16) -> str:
         try:
             gpa, room = self.memory.translate(rip, cr3)
-            n = min(n, room, self.memory.size - gpa)
-            return " ".join(f"{b:02x}" for b in self.memory.read(gpa, n))
         except GuestError as e:
             return f"(not readable: {e})"
+        if gpa >= self.memory.size:
+            return f"(none: rip maps to guest-physical {gpa:#x}, outside guest RAM [0, {self.memory.size:#x}))"
+        n = min(n, room, self.memory.size - gpa)
+        return " ".join(f"{b:02x}" for b in self.memory.read(gpa, n))
+
+    def _rip_outside_ram(self, v: VcpuState) -> bool:
+        """Does v's rip translate to a guest-physical address beyond RAM (so no instruction could be fetched)?"""
+        try:
+            regs = v.vcpu.get_regs()
+            cr3 = v.vcpu.get_sregs().cr3
+            gpa, _ = self.memory.translate(regs.rip, cr3)
+        except (GuestError, TracevisorError):
+            return False
+        return gpa >= self.memory.size
 
     def _fault(self, v: VcpuState, reason: str, message: str, *, hints=None, extra=None) -> StopInfo:
         """A stop report with registers and code bytes; call only from v's own thread."""
@@ -723,12 +750,24 @@ def parse_size(text: str) -> int:
     units = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
              "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
     num = s.rstrip("bBkKmMgGiI")
+    if s.lower().startswith("0x") and all(c in "0123456789abcdefABCDEF" for c in s[2:]) and len(s) > 2:
+        num = s  # a hex byte count whose last digits look like a unit: 0x1b, 0xab
     unit = s[len(num):].upper()
     if not num or unit not in units:
         raise TracevisorError(f"bad size {text!r}: use e.g. 64M, 64MiB, 1G or a byte count")
     try:
-        value = float(num) if "." in num or "e" in num.lower() else int(num, 0)
-        return int(value * units[unit])
+        if num.lower().startswith(("0x", "0o", "0b")):
+            value: float = int(num, 0)
+        elif num.isdigit():
+            value = int(num, 10)
+        else:
+            value = float(num)  # 1.5G, 6.4e7
+            if not math.isfinite(value):
+                raise ValueError(num)
+        size = int(value * units[unit])
     except (ValueError, OverflowError):
         raise TracevisorError(f"bad size {text!r}: use e.g. 64M, 64MiB, 1G or a byte count") from None
+    if size <= 0:
+        raise TracevisorError(f"bad size {text!r}: must be positive")
+    return size
 
