@@ -21,6 +21,18 @@ def _show(v):
     return v
 
 
+I32 = (-(1 << 31), (1 << 31) - 1)
+I64 = (-(1 << 63), (1 << 63) - 1)
+U32 = (0, (1 << 32) - 1)
+#: The range of each recorded integer answer: what the hypercall block's field (or the boot info) can hold.
+RET_RANGE = {"open": I32, "close": I32, "unlink": I32, "read": I64, "write": I64, "lseek": I64,
+             "boot_time": I64, "cpu_freq": U32}
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
 class ReplayingHostIO(ConsoleBackend):
     def __init__(self, path: str, cpus: int, console: Console) -> None:
         self.streams = {cpu: CpuStream(path, cpu, {"hostio"}) for cpu in range(cpus)}
@@ -45,38 +57,64 @@ class ReplayingHostIO(ConsoleBackend):
         self.answered += 1
         return rec
 
+    @staticmethod
+    def _malformed(rec: dict, what: str) -> Divergence:
+        """A recorded answer the guest cannot be given (a damaged or crafted trace)."""
+        return Divergence(f"the recorded answer to {rec.get('op')} is malformed: {what}", kind="hostio",
+                          seq=rec.get("seq"), expected={"op": rec.get("op"), "ret": _show(rec.get("ret"))},
+                          actual=None)
+
+    def _ret(self, cpu: int, op: str, args: list) -> tuple[int, dict]:
+        """The recorded integer result of ``op``, checked against what the guest's field can hold."""
+        rec = self.request(cpu, op, args)
+        ret = rec.get("ret")
+        lo, hi = RET_RANGE[op]
+        if not _is_int(ret) or not lo <= ret <= hi:
+            raise self._malformed(rec, f"result {ret!r:.60} is not an integer in [{lo}, {hi}]")
+        return ret, rec
+
     def open(self, cpu, path, flags, mode):
-        return self.request(cpu, "open", [bytes(path), flags, mode])["ret"]
+        return self._ret(cpu, "open", [bytes(path), flags, mode])[0]
 
     def close(self, cpu, fd):
-        return self.request(cpu, "close", [fd])["ret"]
+        return self._ret(cpu, "close", [fd])[0]
 
     def read(self, cpu, fd, length):
-        rec = self.request(cpu, "read", [fd, length])
+        ret, rec = self._ret(cpu, "read", [fd, length])
         data = rec.get("data", b"") or b""
-        return rec["ret"], data
+        if not isinstance(data, (bytes, bytearray)):
+            raise self._malformed(rec, f"data is {type(data).__name__}, not bytes")
+        if ret > length or (ret >= 0 and len(data) != ret):
+            raise self._malformed(rec, f"{ret} bytes read with {len(data)} bytes of data for a read of {length}")
+        return ret, bytes(data)
 
     def write(self, cpu, fd, data):
-        ret = self.request(cpu, "write", [fd, len(data)])["ret"]
+        ret = self._ret(cpu, "write", [fd, len(data)])[0]
         if fd in (1, 2):
             self.console_out.write("stdout" if fd == 1 else "stderr", data)
         return ret
 
     def lseek(self, cpu, fd, offset, whence):
-        return self.request(cpu, "lseek", [fd, offset, whence])["ret"]
+        return self._ret(cpu, "lseek", [fd, offset, whence])[0]
 
     def unlink(self, cpu, path):
-        return self.request(cpu, "unlink", [bytes(path)])["ret"]
+        return self._ret(cpu, "unlink", [bytes(path)])[0]
 
     def cmdline(self, cpu):
-        argv, env = self.request(cpu, "cmdline", [])["ret"]
+        rec = self.request(cpu, "cmdline", [])
+        ret = rec.get("ret")
+        if (not isinstance(ret, (list, tuple)) or len(ret) != 2
+                or not all(isinstance(part, (list, tuple)) for part in ret)
+                or not all(isinstance(s, (bytes, bytearray)) for part in ret for s in part)):
+            raise self._malformed(rec, "the command line is not two lists of byte strings (argv, env)")
+        argv, env = ret
         return [bytes(a) for a in argv], [bytes(e) for e in env]
 
     def boot_time_ns(self, cpu):
-        return self.request(cpu, "boot_time", [])["ret"]
+        return self._ret(cpu, "boot_time", [])[0]
 
     def cpu_freq_khz(self, cpu):
-        return self.request(cpu, "cpu_freq", [])["ret"]
+        return self._ret(cpu, "cpu_freq", [])[0]
 
     def net_rx(self, cpu, poll):
         """The frame recorded at delivery point ``poll``, if any.  Only delivery points that got a frame were
@@ -95,7 +133,10 @@ class ReplayingHostIO(ConsoleBackend):
             return None
         self.streams[cpu].next()
         self.answered += 1
-        return bytes(rec.get("data") or b"")
+        data = rec.get("data") or b""
+        if not isinstance(data, (bytes, bytearray)):
+            raise self._malformed(rec, f"the received frame is {type(data).__name__}, not bytes")
+        return bytes(data)
 
     def net_tx(self, cpu, frame):
         pass  # replay touches no network; the checker compares the `net` events instead

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tracevisor.errors import LoaderError, TracevisorError
+from tracevisor.errors import Divergence, LoaderError, TracevisorError
 from tracevisor.hostio import Console
 from tracevisor.loader import load_kernel
 from tracevisor.machine import STATUS_DIVERGED, Machine, StopInfo, VmConfig
@@ -330,7 +330,14 @@ class Replayer:
 
     def _go(self) -> ReplayResult:
         self._prepare()
-        self._boot()
+        try:
+            self._boot()
+        except Divergence as e:  # a host answer needed to boot (boot time, CPU frequency) is missing or bad
+            info = StopInfo("diverged", STATUS_DIVERGED, f"replay diverged while booting: {e}", cpu=0,
+                            report=dict(e.details))
+            self.machine.stop_info = info
+            self.result = self._result(info)
+            return self.result
         m = self.machine
         if m.stop_info is not None and (m.stop_info.reason != "paused" or self.checker.stopped_by_callback):
             return self.result

@@ -213,3 +213,48 @@ def test_missing_kernel_and_bad_trace_are_clear(tmp_path, guests):
     assert r.returncode == 1 and b"not a tracevisor trace" in r.stderr and b"Traceback" not in r.stderr
     with pytest.raises(TracevisorError):
         replay.Replayer(bad)
+
+
+def _first(op, field, value):
+    done = []
+
+    def change(kind, ev):
+        if kind == "hostio" and ev["op"] == op and not done:
+            ev[field] = value
+            done.append(1)
+    return change
+
+
+@pytest.mark.parametrize("op, field, value, message", [
+    ("open", "ret", 1 << 40, "result 1099511627776 is not an integer in [-2147483648, 2147483647]"),
+    ("open", "ret", "3", "result '3' is not an integer"),
+    ("lseek", "ret", 1 << 63, "result 9223372036854775808 is not an integer in [-9223372036854775808"),
+    ("read", "ret", 200, "200 bytes read with 81 bytes of data for a read of 128"),
+    ("read", "data", "text", "data is str, not bytes"),
+    ("cmdline", "ret", [["files"], []], "the command line is not two lists of byte strings"),
+    ("cmdline", "ret", None, "the command line is not two lists of byte strings"),
+    ("boot_time", "ret", "soon", "result 'soon' is not an integer"),
+    ("cpu_freq", "ret", -5, "result -5 is not an integer in [0, 4294967295]"),
+])
+def test_malformed_recorded_answers_are_divergences_not_tracebacks(tmp_path, guests, op, field, value, message):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    trace, rec = record(tmp_path, guests, "files", ["--mount", str(mnt)])
+    assert rec.returncode == 0
+    crafted = tmp_path / "crafted.tvt"
+    rewrite(trace, crafted, _first(op, field, value))
+    r = run_cli("replay", "-q", str(crafted))
+    err = r.stderr.decode()
+    assert r.returncode == 4 and "Traceback" not in err and "internal error" not in err, err
+    assert f"the recorded answer to {op} is malformed: {message}" in err, err
+
+
+def test_a_trace_with_a_header_and_no_events_is_reported(tmp_path, guests):
+    trace, _ = record(tmp_path, guests, "hello")
+    header = {k: v for k, v in open_trace(trace).header.items() if k != "format"}
+    empty = tmp_path / "empty.tvt"
+    TraceWriter(empty, header).close()
+    r = run_cli("replay", str(empty))
+    err = r.stderr.decode()
+    assert r.returncode == 4 and "Traceback" not in err, err
+    assert "the recording has no further host request" in err and err.count("\n") < 40, err
