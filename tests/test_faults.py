@@ -159,6 +159,35 @@ def test_multi_vcpu_fault_while_other_runs(tmp_path):
     assert time.monotonic() - t < 20
 
 
+def test_halt_after_sending_init_to_the_other_vcpu_is_a_hang(tmp_path):
+    """vCPU 0 puts vCPU 1 into wait-for-SIPI (an INIT IPI through the x2APIC ICR), then halts with interrupts
+    off: nothing can ever run again, so the watchdog must say so without waiting for --timeout."""
+    body = """
+  test %rsi, %rsi
+  jnz 3f
+  mov $200000, %rcx        # give vCPU 1 (started 50 ms later) time to run
+1: dec %rcx
+  jnz 1b
+  mov $0x1b, %ecx          # IA32_APIC_BASE: enable x2APIC
+  rdmsr
+  or $0xc00, %eax
+  wrmsr
+  mov $0x830, %ecx         # x2APIC ICR: INIT, assert, to APIC ID 1
+  mov $1, %edx
+  mov $0x4500, %eax
+  wrmsr
+  cli
+  hlt
+3: pause
+  jmp 3b
+"""
+    k = build_asm(tmp_path, "initcpu1", body)
+    started = time.monotonic()
+    r = run_cli("run", "-c", "2", "--timeout", "60", str(k), timeout=90)
+    assert_clean(r, 3, "every vCPU is halted with interrupts disabled (hlt after cli) or held after an INIT")
+    assert time.monotonic() - started < 30
+
+
 class TestConfigErrors:
     """Host/config problems: one line on stderr, status 1, no traceback."""
 
@@ -170,6 +199,13 @@ class TestConfigErrors:
 
     def test_missing_kernel(self, tmp_path):
         assert "kernel not found" in self.one_line(run_cli("run", str(tmp_path / "nope")))
+
+    def test_kernel_must_be_a_regular_file(self, tmp_path):
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)  # nobody writes it: opening must not block
+        for path in ("/dev/zero", str(fifo)):
+            err = self.one_line(run_cli("run", path, timeout=20))
+            assert "is not a regular file" in err, err
 
     def test_not_elf(self, tmp_path):
         p = tmp_path / "k"

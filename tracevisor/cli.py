@@ -238,9 +238,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
         else:
             info = machine.run(hostio)
         hostio.close_all()
-        if ns.verbose:
-            for line in hostio.log:
-                print(f"tracevisor: refused {line}", file=sys.stderr)
+        for line in hostio.refusal_notes(ns.verbose):
+            print(f"tracevisor: {line}", file=sys.stderr)
         return finish(info)
     finally:
         machine.close()
@@ -338,6 +337,8 @@ def cmd_record(ns: argparse.Namespace) -> int:
             info = machine.run(hostio, trace=writer)
         finally:
             hostio.close_all()
+        for line in live.refusal_notes(ns.verbose):
+            print(f"tracevisor: {line}", file=sys.stderr)
         stop = info.as_dict()
         stop["report"] = {k: v for k, v in stop["report"].items() if k != "traceback"}
         summary = writer.close(stop=stop)

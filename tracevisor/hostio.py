@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .sandbox import Sandbox
+from .sandbox import Sandbox, is_refusal
 
 STDIN, STDOUT, STDERR = 0, 1, 2
 MAX_GUEST_FILES = 512
@@ -258,13 +258,19 @@ class LiveHostIO(ConsoleBackend):
         self.closed_stdio: set[int] = set()
         self._lock = threading.Lock()  # guards the fd table and every use of a host fd taken from it
         self._cancelled = threading.Event()
-        self.log: list[str] = []  # refusals, for -v (the first MAX_LOG)
-        self.refusals = 0
+        self.log: list[str] = []  # failed file requests, for -v (the first MAX_LOG)
+        self.refusals = 0  # failed file requests (a missing file included)
+        self.policy_refusals = 0  # of those, refused by the sandbox's policy (reported even without -v)
+        self.first_policy_refusal: str | None = None
 
     def _refuse(self, what: str, err: OSError | str) -> int:
         self.refusals += 1
+        msg = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        if isinstance(err, str) or is_refusal(err):
+            self.policy_refusals += 1
+            if self.first_policy_refusal is None:
+                self.first_policy_refusal = f"{what[:300]}: {msg}"
         if self.refusals <= MAX_LOG:
-            msg = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             self.log.append(f"{what[:300]}: {msg}")
         elif self.refusals == MAX_LOG + 1:
             self.log.append(f"… further refusals are counted, not listed (limit {MAX_LOG})")
@@ -341,6 +347,18 @@ class LiveHostIO(ConsoleBackend):
     def cancel(self):
         self._cancelled.set()
         super().cancel()
+
+    def refusal_notes(self, verbose: bool) -> list[str]:
+        """What to tell the user about failed file requests when the run ends: with ``verbose`` every one
+        (up to MAX_LOG), else one line when the sandbox refused something (an escape attempt, a path no
+        mount covers, a write to a read-only mount) — an ordinary missing file stays quiet."""
+        if verbose:
+            return [f"refused {line}" for line in self.log]
+        if not self.policy_refusals:
+            return []
+        n = self.policy_refusals
+        return [f"the sandbox refused {n} guest file request{'s' if n != 1 else ''} "
+                f"(first: {self.first_policy_refusal}); -v lists every failed request"]
 
     def write(self, cpu, fd, data):
         if fd in (STDOUT, STDERR) and fd not in self.closed_stdio:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,9 +103,17 @@ def load_kernel(path: str | os.PathLike, memory_size: int) -> KernelImage:
     if p.is_dir():
         raise LoaderError(f"kernel path is a directory, not an ELF file: {path}")
     try:
-        raw = p.read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; only regular files are read at all
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise LoaderError(f"cannot read kernel {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise LoaderError(f"kernel {path} is not a regular file (a device, FIFO or socket)")
+        try:
+            raw = f.read()
+        except OSError as e:
+            raise LoaderError(f"cannot read kernel {path}: {e.strerror}") from None
     if raw[:4] != b"\x7fELF":
         raise LoaderError(f"{path} is not an ELF file (no ELF magic)")
     if len(raw) < 20:

@@ -385,7 +385,8 @@ class Machine:
             # The report needs the vCPU's registers, which only its own thread can read while it is
             # inside KVM_RUN: ask it to stop with the report.
             live[0].stop_request = ("hang", "every vCPU is halted with interrupts disabled (hlt after "
-                                    "cli): the guest can never continue")
+                                    "cli) or held after an INIT waiting for a SIPI: the guest can never "
+                                    "continue")
             self._kick(live[0])
             return
         for v in live:
@@ -683,12 +684,14 @@ class Machine:
 
     # -- reports -----------------------------------------------------------------------------------
     def _probe(self, v: VcpuState) -> None:
-        """After a watchdog kick: is this vCPU halted with interrupts off (parked for good)?"""
+        """After a watchdog kick: is this vCPU parked for good — halted with interrupts off, or held in
+        wait-for-SIPI after an INIT (only another vCPU's SIPI could wake it)?"""
         try:
-            if v.vcpu.get_mp_state() == U.KVM_MP_STATE_HALTED:
+            state = v.vcpu.get_mp_state()
+            if state == U.KVM_MP_STATE_HALTED:
                 v.parked = not (v.vcpu.get_regs().rflags & 0x200)
             else:
-                v.parked = False
+                v.parked = state == U.KVM_MP_STATE_INIT_RECEIVED
         except TracevisorError:
             v.parked = False
 

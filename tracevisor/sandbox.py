@@ -89,6 +89,19 @@ def parse_mount(spec: str) -> Mount:
     return Mount(host=host, guest=guest, readonly=readonly)
 
 
+class Refused(OSError):
+    """A request the sandbox refuses by policy (outside every mount, climbing above the root, a write to a
+    read-only mount, not a regular file), as opposed to an ordinary failure such as a missing file."""
+
+
+#: errno values openat2 uses for paths that would leave the mount (RESOLVE_BENEATH) or cross a magic link
+ESCAPE_ERRNOS = frozenset({errno.EXDEV, errno.ELOOP})
+
+
+def is_refusal(err: BaseException) -> bool:
+    return isinstance(err, Refused) or (isinstance(err, OSError) and err.errno in ESCAPE_ERRNOS)
+
+
 class Sandbox:
     """Resolves guest paths to host files inside the mounts, and nothing else."""
 
@@ -114,7 +127,7 @@ class Sandbox:
                 continue
             if comp == "..":
                 if not parts:
-                    raise OSError(errno.EACCES, "path climbs above the guest root")
+                    raise Refused(errno.EACCES, "path climbs above the guest root")
                 parts.pop()
             else:
                 parts.append(comp)
@@ -123,14 +136,14 @@ class Sandbox:
             if m.guest == "/" or norm == m.guest or norm.startswith(m.guest + "/"):
                 rel = norm[len(m.guest):].lstrip("/") if m.guest != "/" else norm.lstrip("/")
                 return m, rel or "."
-        raise OSError(errno.ENOENT, "no mount covers this path")
+        raise Refused(errno.ENOENT, "no mount covers this path")
 
     def open(self, guest_path: bytes, flags: int, mode: int) -> tuple[int, str]:
         """Open a guest path; returns (host fd, host path for reports).  Raises OSError on refusal."""
         mount, rel = self.resolve(guest_path)
         gflags = flags & PASSED_FLAGS
         if mount.readonly and flags & WRITE_FLAGS:
-            raise OSError(errno.EROFS, "read-only mount")
+            raise Refused(errno.EROFS, "read-only mount")
         # openat2 (unlike open) refuses a non-zero mode without O_CREAT with EINVAL, and Hermit's Rust std
         # passes 0o666 with every open: the mode only counts when a file may be created.
         mode = mode & 0o777 if gflags & os.O_CREAT else 0
@@ -138,7 +151,7 @@ class Sandbox:
         try:
             st = os.fstat(fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                raise OSError(errno.EACCES, "not a regular file")
+                raise Refused(errno.EACCES, "not a regular file")
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
@@ -148,7 +161,7 @@ class Sandbox:
     def unlink(self, guest_path: bytes) -> str:
         mount, rel = self.resolve(guest_path)
         if mount.readonly:
-            raise OSError(errno.EROFS, "read-only mount")
+            raise Refused(errno.EROFS, "read-only mount")
         parent, name = posixpath.split(rel)
         if name in ("", ".", ".."):
             raise OSError(errno.EISDIR, "cannot unlink a directory")
