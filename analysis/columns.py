@@ -193,6 +193,17 @@ def conform(df: pd.DataFrame, frame: str) -> pd.DataFrame:
     return result
 
 
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _int64_or_none(v):
+    if isinstance(v, np.integer):
+        v = int(v)
+    elif isinstance(v, float) and v.is_integer():  # pandas made a column of ints and None float64
+        v = int(v)
+    return v if type(v) is int and _I64_MIN <= v <= _I64_MAX else None
+
+
 def _cast(s: pd.Series, frame: str, col: Column) -> pd.Series:
     dt = col.dtype
     if dt == "category":
@@ -206,9 +217,24 @@ def _cast(s: pd.Series, frame: str, col: Column) -> pd.Series:
     if dt == "string":
         return pd.Series(s.to_numpy(dtype=object), dtype=object, name=col.name).astype("string")
     if dt == "Int64":
-        if s.dtype == object:
-            return pd.Series(pd.array(list(s), dtype="Int64"), name=col.name)
-        return pd.Series(s.to_numpy(), name=col.name).astype("Int64")
+        if s.dtype in (np.int64, np.int32, np.int16, np.int8, np.uint8, np.uint16, np.uint32) \
+                or isinstance(s.dtype, pd.Int64Dtype):
+            return pd.Series(s.to_numpy(), name=col.name).astype("Int64")
+        # Python values from events (or uint64/float columns pandas inferred from them): anything that is
+        # not an int64 becomes <NA>
+        return pd.Series(pd.array([_int64_or_none(v) for v in s.to_numpy(dtype=object)], dtype="Int64"),
+                         name=col.name)
     if dt == "bool":
         return pd.Series(s.to_numpy(), name=col.name).astype(bool)
-    return pd.Series(np.asarray(s.to_numpy(), dtype=dt), name=col.name)
+    arr = s.to_numpy()
+    info = np.iinfo(dt)
+    fits = arr.dtype.kind not in "iu" or not arr.size or (info.min <= int(arr.min()) and int(arr.max()) <= info.max)
+    try:
+        if not fits:  # numpy would wrap these around silently
+            raise OverflowError
+        return pd.Series(np.asarray(arr, dtype=dt), name=col.name)
+    except (OverflowError, ValueError, TypeError):
+        # Only a crafted or damaged trace gets here: a value that does not fit the column is clipped to its
+        # range (a non-number becomes 0), so the frame still loads.
+        return pd.Series(np.array([min(max(int(v), info.min), info.max) if isinstance(v, (int, np.integer))
+                                   else 0 for v in s.to_numpy(dtype=object)], dtype=dt), name=col.name)

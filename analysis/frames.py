@@ -80,9 +80,13 @@ class Trace:
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def from_reader(cls, reader) -> "Trace":
-        cols, rich = _read_exit_columns(reader)
+        cols, rich, malformed = _read_exit_columns(reader)
         exits = _exits_frame(cols, _vcpu_ends(rich, cols["vcpu"]))
-        return cls(reader.path, reader.header, reader.footer, list(reader.warnings), reader.complete, exits, rich)
+        warnings = list(reader.warnings)
+        if malformed:
+            warnings.append(f"{len(malformed)} event(s) with an impossible vCPU or time left out of the frames "
+                            f"(first: {malformed[0][:200]})")
+        return cls(reader.path, reader.header, reader.footer, warnings, reader.complete, exits, rich)
 
     # -- the frames --------------------------------------------------------------------------------
     @property
@@ -252,8 +256,24 @@ _COLUMN_DTYPES = {"t_ns": np.int64, "rip": np.uint64, "value": np.uint32, "port"
                   "reason": np.uint8, "dir": np.uint8, "size": np.uint8}
 
 
-def _read_exit_columns(reader) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """One pass over the chunks: exit columns (and ``seq``) as numpy arrays, and the rich events.
+_T_MAX = (1 << 63) - 1
+
+
+def _check_plausible(ev: dict) -> None:
+    """What every frame relies on: a vCPU index that fits the exit rows' uint16 and times that fit int64 ns.
+    (Other fields may be of any type: the frames show what does not fit their columns as missing.)"""
+    cpu = ev.get("cpu")
+    if not (type(cpu) is int and 0 <= cpu < 1 << 16):
+        raise ValueError(f"cpu {cpu!r:.40} is not a vCPU index")
+    for key in ("t", "t_end"):
+        t = ev.get(key)
+        if t is not None and not (type(t) is int and 0 <= t <= _T_MAX):
+            raise ValueError(f"{key} {t!r:.40} is not a time in ns")
+
+
+def _read_exit_columns(reader) -> tuple[dict[str, np.ndarray], list[dict], list[str]]:
+    """One pass over the chunks: exit columns (and ``seq``) as numpy arrays, the rich events, and a note for
+    each event left out because its vCPU or time is impossible.
 
     Each chunk's rows are viewed with ``numpy.frombuffer`` and copied field by field into preallocated columns
     (sized by the footer's exit count when it is plausible), so no per-exit Python work and no second copy of
@@ -265,12 +285,19 @@ def _read_exit_columns(reader) -> tuple[dict[str, np.ndarray], list[dict]]:
     cols["seq"] = np.empty(cap or 0, dtype=np.int64)
     pieces: dict[str, list[np.ndarray]] | None = None if cap is not None else {f: [] for f in cols}
     rich: list[dict] = []
+    malformed: list[str] = []
     pos = 0
     for chunk in reader.chunks():
         seq0, n = chunk.seq0, chunk.n
         evs = chunk.events
         if evs:
-            rich.extend(evs)
+            for ev in evs:
+                try:
+                    _check_plausible(ev)
+                except ValueError as e:  # a crafted event: its seq stays taken, the frames skip it
+                    malformed.append(f"seq {ev.get('seq')}: {e}")
+                else:
+                    rich.append(ev)
         if not chunk.exits:
             continue
         rows = np.frombuffer(chunk.exits, dtype=_EXIT_DTYPE)
@@ -298,7 +325,7 @@ def _read_exit_columns(reader) -> tuple[dict[str, np.ndarray], list[dict]]:
         cols = {f: (np.concatenate(p) if p else np.empty(0, dtype=cols[f].dtype)) for f, p in pieces.items()}
     elif pos < cap:  # damaged chunks were skipped
         cols = {f: a[:pos] for f, a in cols.items()}
-    return cols, rich
+    return cols, rich, malformed
 
 
 def _exits_frame(cols: dict[str, np.ndarray], ends: dict[int, int]) -> pd.DataFrame:
@@ -340,7 +367,8 @@ def _hypercalls_frame(rich: list[dict]) -> pd.DataFrame:
     for ev in rich:
         k = ev.get("k")
         if k == "hostio":
-            if ev.get("op") not in _NO_CALL_HOSTIO:
+            op = ev.get("op")
+            if not (isinstance(op, str) and op in _NO_CALL_HOSTIO):
                 pending.setdefault(_cpu(ev), []).append(ev)
             continue
         if k != "hypercall":

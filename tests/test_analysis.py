@@ -256,6 +256,39 @@ def test_odd_rich_events_and_empty_traces_load(tmp_path):
     assert "(none)" in analysis.stats(tr).format()
 
 
+def test_crafted_field_values_load_as_missing_values_with_a_warning(tmp_path):
+    """Values no recorder writes (found by fuzzing): the frames load, misfits become <NA> or are clipped,
+    and events with an impossible vCPU or time are left out with one warning."""
+    p = tmp_path / "crafted.tvt"
+    w = TraceWriter(p, {"argv": ["crafted"], "cpus": 1})
+    w.event("hostio", 0, 5, op=["not", "hashable"], args=[], ret=0)
+    w.event("hypercall", 0, 10, call="open", port=1 << 40, addr=-5, block=b"", args={"flags": 0, "mode": 0},
+            payload=b"f", ret=3, t_end=11)
+    for _ in range(3):  # three reads of 2^62 bytes each: more than an int64 holds in total
+        w.event("hypercall", 0, 12, call="read", port=0x500, addr=0x9000, block=b"",
+                args={"fd": 3, "buf": 0, "len": 1 << 62}, ret=1 << 62, t_end=13)
+    w.event("hypercall", 0, 14, call="lseek", port=0x580, addr=0x9000, block=b"", args={"fd": 3},
+            ret=(1 << 64) - 1, t_end=15)
+    w.event("console", 70000, 16, stream="stdout", data=b"from no vCPU\n")
+    w.event("console", 0, "late", stream="stdout", data=b"at no time\n")
+    w.close()
+    tr = analysis.load(p)
+    assert any("2 event(s) with an impossible vCPU or time left out" in x for x in tr.warnings), tr.warnings
+    hc = tr.hypercalls
+    assert hc["call"].astype(str).tolist() == ["open", "read", "read", "read", "lseek"]
+    assert hc["port"].iloc[0] == 0xFFFF and hc["addr"].iloc[0] == 0  # clipped to the column's range
+    assert pd.isna(hc["ret"].iloc[4])  # 2^64 - 1 is no int64
+    f = tr.files.iloc[0]
+    assert (f["path"], f["reads"], f["seeks"], f["bytes_read"]) == ("f", 3, 1, np.iinfo(np.int64).max)
+    assert tr.console.empty
+    st = analysis.stats(tr)
+    assert st.totals["hypercalls"] == 5
+    analysis.export.perfetto_events(tr)
+    analysis.to_parquet(tr, tmp_path / "pq")
+    r = run_cli("stats", str(p))
+    assert r.returncode == 0 and b"impossible vCPU or time" in r.stderr and b"Traceback" not in r.stderr
+
+
 def test_load_refuses_a_file_that_is_not_a_trace(tmp_path):
     from tracevisor.errors import TraceError
 
