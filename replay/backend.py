@@ -13,6 +13,10 @@ from tracevisor.hostio import Console, ConsoleBackend
 from .streams import CpuStream
 
 
+def _args(v) -> str:
+    return str(tuple(_show(v))) if isinstance(v, (list, tuple)) else f"({_show(v)!r})"
+
+
 def _show(v):
     if isinstance(v, (bytes, bytearray)):
         return bytes(v).decode("utf-8", "backslashreplace")
@@ -47,9 +51,10 @@ class ReplayingHostIO(ConsoleBackend):
                              "further host request for this vCPU",
                              kind="hostio", actual={"op": op, "args": _show(args)}, expected=None)
         rec = ev[2]
-        if rec.get("op") != op or list(rec.get("args", [])) != list(args):
+        rec_args = rec.get("args", [])
+        if rec.get("op") != op or not isinstance(rec_args, (list, tuple)) or list(rec_args) != list(args):
             raise Divergence(
-                f"host request differs: recorded {rec.get('op')}{tuple(_show(rec.get('args', [])))}, "
+                f"host request differs: recorded {_show(rec.get('op'))}{_args(rec.get('args', []))}, "
                 f"replay asks {op}{tuple(_show(args))}",
                 kind="hostio", seq=rec.get("seq"),
                 expected={"op": rec.get("op"), "args": _show(rec.get("args"))},

@@ -76,42 +76,55 @@ class TraceWalk:
         return st
 
     def _apply(self, ev: dict) -> None:
+        """Update the derived state with one event.  Events are data from a file: fields of the wrong type
+        (a damaged or crafted trace) leave the state unchanged instead of raising."""
         kind = ev.get("k")
-        self.position = ev.get("seq", self.position)
+        seq = ev.get("seq")
+        if type(seq) is int:
+            self.position = seq
         if kind == "exit":
             self.exits += 1
         elif kind == "console":
-            data = ev.get("data") or b""
-            self.console.setdefault(ev.get("stream", "stdout"), bytearray()).extend(data)
-            self._console_all.extend(data)
+            data, stream = ev.get("data"), ev.get("stream", "stdout")
+            if isinstance(data, (bytes, bytearray)) and isinstance(stream, str):
+                self.console.setdefault(stream, bytearray()).extend(data)
+                self._console_all.extend(data)
         elif kind == "hostio":
             self._hostio(ev)
 
     def _hostio(self, ev: dict) -> None:
-        op, args, ret = ev.get("op"), ev.get("args") or [], ev.get("ret")
-        if not isinstance(ret, int):
+        op, args, ret = ev.get("op"), ev.get("args"), ev.get("ret")
+        if type(ret) is not int or not isinstance(op, str) or not isinstance(args, (list, tuple)) or not args:
             return
-        if op == "open" and ret >= 0 and args:
-            path = bytes(args[0]).decode("utf-8", "backslashreplace")
-            flags = args[1] if len(args) > 1 else 0
-            self.files[ret] = OpenFile(ret, path, flags, opened_seq=ev.get("seq", -1))
-            self._stats(path).opens += 1
-        elif op == "close" and ret == 0 and args:
-            self.files.pop(args[0], None)
-        elif op in ("read", "write") and ret > 0 and args:
-            f = self.files.get(args[0])
+        first = args[0]
+        if op in ("open", "unlink"):
+            if not isinstance(first, (bytes, bytearray)):
+                return
+            path = bytes(first).decode("utf-8", "backslashreplace")
+            if op == "open" and ret >= 0:
+                flags = args[1] if len(args) > 1 and type(args[1]) is int else 0
+                seq = ev.get("seq")
+                self.files[ret] = OpenFile(ret, path, flags, opened_seq=seq if type(seq) is int else -1)
+                self._stats(path).opens += 1
+            elif op == "unlink" and ret == 0:
+                self._stats(path).unlinked = True
+            return
+        if type(first) is not int:
+            return
+        if op == "close" and ret == 0:
+            self.files.pop(first, None)
+        elif op in ("read", "write") and ret > 0:
+            f = self.files.get(first)
             if f is not None:
                 counter = "bytes_read" if op == "read" else "bytes_written"
                 f.offset += ret
                 setattr(f, counter, getattr(f, counter) + ret)
                 st = self._stats(f.path)
                 setattr(st, counter, getattr(st, counter) + ret)
-        elif op == "lseek" and ret >= 0 and args:
-            f = self.files.get(args[0])
+        elif op == "lseek" and ret >= 0:
+            f = self.files.get(first)
             if f is not None:
                 f.offset = ret
-        elif op == "unlink" and ret == 0 and args:
-            self._stats(bytes(args[0]).decode("utf-8", "backslashreplace")).unlinked = True
 
     # -- iteration ---------------------------------------------------------------------------------
     def events(self, kinds: Iterable[str] | None = None, cpu: int | None = None, start: int | None = None,

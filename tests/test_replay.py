@@ -258,3 +258,41 @@ def test_a_trace_with_a_header_and_no_events_is_reported(tmp_path, guests):
     err = r.stderr.decode()
     assert r.returncode == 4 and "Traceback" not in err, err
     assert "the recording has no further host request" in err and err.count("\n") < 40, err
+
+
+@pytest.mark.parametrize("kind, field, value, message", [
+    # found by fuzzing: a malformed vCPU start event killed the vCPU thread before its error handling, and
+    # the replay waited for it forever
+    ("vcpu", "state", ["open"], "vcpu #2 differs in state"),
+    ("hostio", "args", 3.5, "host request differs: recorded boot_time(3.5), replay asks boot_time()"),
+])
+def test_crafted_events_end_in_a_report_not_a_hang(tmp_path, guests, kind, field, value, message):
+    trace, _ = record(tmp_path, guests, "hello")
+    crafted = tmp_path / "crafted.tvt"
+    done = []
+
+    def change(k, ev):
+        if k == kind and not done:
+            ev[field] = value
+            done.append(1)
+    rewrite(trace, crafted, change)
+    r = run_cli("replay", "-q", str(crafted), timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 4 and "Traceback" not in err, err
+    assert message in err, err
+
+
+def test_offline_walk_tolerates_crafted_events(tmp_path):
+    w = TraceWriter(tmp_path / "c.tvt", {"argv": ["c"], "cpus": 1})
+    w.event("hostio", 0, 1, op="open", args=[b"a.txt", 0, 0], ret=3)
+    w.event("hostio", 0, 2, op="read", args=[[3], 10], ret=5)  # an fd that is a list
+    w.event("hostio", 0, 3, op=["read"], args=[3, 10], ret=5)  # an op that is a list
+    w.event("hostio", 0, 4, op="open", args=[7, 0, 0], ret=4)  # a path that is an int
+    w.event("hostio", 0, 5, op="write", args=[3, 4], ret=True)  # a bool result
+    w.event("console", 0, 6, stream={"a": 1}, data=b"x")
+    w.event("console", 0, 7, stream="stdout", data=[1, 2])
+    w.event("hostio", 0, 8, op="read", args=[3, 10], ret=5)
+    w.close()
+    walk = replay.open(tmp_path / "c.tvt").run_to_end()
+    assert walk.bytes_read == {"a.txt": 5} and walk.bytes_written == {"a.txt": 0}
+    assert walk.console_text == "" and list(walk.files) == [3]

@@ -425,15 +425,17 @@ class Machine:
     def _vcpu_thread(self, v: VcpuState) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         trace = self.trace
+        announce = False
         if not v.started:
             if v.cpu and self._stopping.wait(v.cpu * self.config.stagger_s):
                 return
             v.started = True
-            if trace is not None:
-                trace.event("vcpu", v.cpu, self.now(), state="start")
+            announce = trace is not None
         v.running = True
         reason = "stopped"
         try:
+            if announce:  # inside the try: under replay this is checked and may diverge
+                trace.event("vcpu", v.cpu, self.now(), state="start")
             self._loop(v)
         except GuestExit as e:
             reason = "exit"
