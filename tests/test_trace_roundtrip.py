@@ -377,3 +377,22 @@ def test_stats_while_recording(tmp_path):
     summary = w.close()
     assert summary["by_reason"] == {2: 525, 5: 525} and summary["chunks"] == 11
     assert w.stats["by_reason"] == {2: 525, 5: 525}
+
+
+def test_an_event_as_big_as_a_chunk_gets_a_chunk_of_its_own(tmp_path):
+    # a huge WRITE's console event and its hypercall (each carrying the data) must not share a frame: two of
+    # 2+ GiB together would pass the 4 GiB frame limit
+    path = tmp_path / "big.tvt"
+    w = TraceWriter(path, {"argv": ["big"]}, chunk_bytes=1000)
+    w.exit(0, 1, 2, 0x401000, 0x400, 1, 4, 0x9000)
+    w.event("console", 0, 2, stream="stdout", data=b"a" * 1500)
+    w.event("hostio", 0, 3, op="write", args=[1, 1500], ret=1500)
+    w.event("hypercall", 0, 4, call="write", port=0x400, addr=0x9000, block=b"", args={}, ret=1500,
+            payload=b"a" * 1500, t_end=5)
+    w.exit(0, 6, 2, 0x401000, 0x400, 1, 4, 0x9000)
+    w.close()
+    r = open_trace(path)
+    chunks = [(c.seq0, [e["k"] for e in c.events]) for c in r.chunks()]
+    big = [kinds for _, kinds in chunks if "console" in kinds or "hypercall" in kinds]
+    assert big == [["console"], ["hypercall"]], chunks
+    assert [e["seq"] for e in r.events()] == [0, 1, 2, 3, 4] and r.complete and not r.warnings

@@ -272,6 +272,10 @@ class TraceWriter:
             for key, value in fields.items():
                 if type(value) in _BIN_TYPES:
                     ev[key] = bytes(value)
+        if est >= self.chunk_bytes and (self._events or self._off):
+            # An event as big as a whole chunk gets a chunk of its own: two huge ones (a 2 GiB WRITE's console
+            # event and its hypercall) together could exceed the 4 GiB frame limit.
+            self._flush()
         events = self._events
         events.append(ev)
         self._seq = seq + 1
