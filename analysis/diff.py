@@ -86,8 +86,7 @@ def _streams(tr: Trace) -> dict[int, _Stream]:
     vc = ex["vcpu"].to_numpy()
     rich_by: dict[int, list[dict]] = {}
     for ev in tr.events(COMPARED_KINDS):
-        c = ev.get("cpu")
-        rich_by.setdefault(c if type(c) is int else 0, []).append(ev)
+        rich_by.setdefault(ev["cpu"], []).append(ev)
     out = {}
     for v in sorted(set(np.unique(vc).tolist()) | set(rich_by)):
         out[v] = _Stream(tr, v, np.flatnonzero(vc == v), rich_by.get(v, []))

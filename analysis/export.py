@@ -88,8 +88,7 @@ def perfetto_events(trace: "Trace | str", exits: str = "auto", counter_bins: int
     # vCPU lifetimes (outermost slices), clamped to cover everything the vCPU did
     life: dict[int, list[int]] = {}
     for ev in tr.events("vcpu"):
-        if type(ev.get("cpu")) is int and type(ev.get("t")) is int:
-            life.setdefault(ev["cpu"], []).append(ev["t"])
+        life.setdefault(ev["cpu"], []).append(ev["t"])
     for v, ts in life.items():
         t0, t1 = min(ts), max(ts)
         sel_e = ex["t_ns"][ex["vcpu"] == v]
@@ -143,10 +142,8 @@ def perfetto_events(trace: "Trace | str", exits: str = "auto", counter_bins: int
         body.append({"ph": "i", "s": "t", "name": f"console {r.stream}", "cat": "console", "pid": pid,
                      "tid": int(r.vcpu) + 1, "ts": _us(r.t_ns), "args": {"seq": int(r.seq), "text": r.text}})
     for ev in tr.events("hostio"):
-        if type(ev.get("t")) is not int:
-            continue
         body.append({"ph": "i", "s": "t", "name": f"hostio {ev.get('op')}", "cat": "hostio", "pid": pid,
-                     "tid": int(ev.get("cpu", 0)) + 1 if type(ev.get("cpu")) is int else 0, "ts": _us(ev["t"]),
+                     "tid": ev["cpu"] + 1, "ts": _us(ev["t"]),
                      "args": {"seq": ev.get("seq"), "args": _jsonable(ev.get("args")),
                               "ret": _jsonable(ev.get("ret")) if not isinstance(ev.get("ret"), (bytes, bytearray))
                               else len(ev["ret"])}})

@@ -36,16 +36,6 @@ def _int(v: Any) -> int | None:
     return v if type(v) is int else None
 
 
-def _cpu(ev: dict) -> int:
-    c = ev.get("cpu")
-    return c if type(c) is int and 0 <= c < 0x10000 else 0
-
-
-def _t(ev: dict, key: str = "t") -> int:
-    t = ev.get(key)
-    return t if type(t) is int and -(2**63) <= t < 2**63 else 0
-
-
 def _bytes(v: Any) -> bytes:
     return bytes(v) if isinstance(v, (bytes, bytearray)) else b""
 
@@ -118,7 +108,8 @@ class Trace:
         return {name: getattr(self, name) for name in FRAME_NAMES}
 
     def events(self, kinds: Iterable[str] | str | None = None) -> Iterator[dict]:
-        """The rich events (not exits) as stored, in seq order; ``kinds`` filters by kind."""
+        """The rich events (not exits) as stored, in seq order; ``kinds`` filters by kind.  Each has an int
+        ``cpu`` below 2^16 and an int64 ``t`` (and ``t_end`` when present): the load left out any that did not."""
         if isinstance(kinds, str):
             kinds = {kinds}
         want = None if kinds is None else set(kinds)
@@ -144,7 +135,7 @@ class Trace:
             if len(df):
                 end = max(end, int(df[col].max()))
         for ev in self._rich:
-            end = max(end, _t(ev), _t(ev, "t_end"))
+            end = max(end, ev["t"], ev.get("t_end", 0))
         return end
 
     @property
@@ -243,10 +234,10 @@ def _vcpu_ends(rich: list[dict], vcpu: np.ndarray) -> dict[int, int]:
     for ev in reversed(rich):
         if not need:
             break
-        c = _cpu(ev)
+        c = ev["cpu"]
         if c in need:
             need.discard(c)
-            ends[c] = max(_t(ev), _t(ev, "t_end"))
+            ends[c] = max(ev["t"], ev.get("t_end", 0))
     return ends
 
 
@@ -260,15 +251,17 @@ _T_MAX = (1 << 63) - 1
 
 
 def _check_plausible(ev: dict) -> None:
-    """What every frame relies on: a vCPU index that fits the exit rows' uint16 and times that fit int64 ns.
-    (Other fields may be of any type: the frames show what does not fit their columns as missing.)"""
+    """What every consumer of the rich events (frames, diff, exports, plots) relies on: ``cpu`` a vCPU index
+    that fits the exit rows' uint16, ``t`` (and ``t_end`` when present) an int64 time in ns.  (Other fields
+    may be of any type: the frames show what does not fit their columns as missing.)"""
     cpu = ev.get("cpu")
     if not (type(cpu) is int and 0 <= cpu < 1 << 16):
         raise ValueError(f"cpu {cpu!r:.40} is not a vCPU index")
     for key in ("t", "t_end"):
-        t = ev.get(key)
-        if t is not None and not (type(t) is int and 0 <= t <= _T_MAX):
-            raise ValueError(f"{key} {t!r:.40} is not a time in ns")
+        if key == "t" or key in ev:
+            t = ev.get(key)
+            if not (type(t) is int and 0 <= t <= _T_MAX):
+                raise ValueError(f"{key} {t!r:.40} is not a time in ns")
 
 
 def _read_exit_columns(reader) -> tuple[dict[str, np.ndarray], list[dict], list[str]]:
@@ -369,19 +362,18 @@ def _hypercalls_frame(rich: list[dict]) -> pd.DataFrame:
         if k == "hostio":
             op = ev.get("op")
             if not (isinstance(op, str) and op in _NO_CALL_HOSTIO):
-                pending.setdefault(_cpu(ev), []).append(ev)
+                pending.setdefault(ev["cpu"], []).append(ev)
             continue
         if k != "hypercall":
             continue
-        cpu = _cpu(ev)
+        cpu = ev["cpu"]
         hostio = pending.pop(cpu, ())
         call = ev.get("call")
         call = call if isinstance(call, str) else None
         args = ev.get("args")
         args = dict(args) if isinstance(args, dict) else {}
-        t, t_end = _t(ev), _t(ev, "t_end")
-        if "t_end" not in ev:
-            t_end = t
+        t = ev["t"]
+        t_end = ev.get("t_end", t)
         payload = _bytes(ev.get("payload"))
         ret = _int(ev.get("ret"))
         bytes_in = 0
@@ -419,8 +411,8 @@ def _files_frame(rich: list[dict]) -> pd.DataFrame:
             if ret is None or ret < 0:
                 continue
             row = {"path": _text(_bytes(ev.get("payload"))), "fd": ret, "flags": _int(args.get("flags")),
-                   "mode": _int(args.get("mode")), "vcpu": _cpu(ev), "opened_seq": ev.get("seq"),
-                   "opened_t_ns": _t(ev), "closed_seq": None, "closed_t_ns": None, "reads": 0, "writes": 0,
+                   "mode": _int(args.get("mode")), "vcpu": ev["cpu"], "opened_seq": ev.get("seq"),
+                   "opened_t_ns": ev["t"], "closed_seq": None, "closed_t_ns": None, "reads": 0, "writes": 0,
                    "seeks": 0, "bytes_read": 0, "bytes_written": 0}
             open_files[ret] = row
             rows.append(row)
@@ -441,7 +433,7 @@ def _files_frame(rich: list[dict]) -> pd.DataFrame:
         elif call == "lseek":
             f["seeks"] += 1
         elif call == "close" and ret == 0:
-            f["closed_seq"], f["closed_t_ns"] = ev.get("seq"), _t(ev)
+            f["closed_seq"], f["closed_t_ns"] = ev.get("seq"), ev["t"]
             del open_files[fd]
     if not rows:
         return empty_frame("files")
@@ -455,7 +447,7 @@ def _console_frame(rich: list[dict]) -> pd.DataFrame:
             continue
         data = _bytes(ev.get("data"))
         stream = ev.get("stream")
-        rows.append((ev.get("seq"), _t(ev), _cpu(ev), stream if isinstance(stream, str) else None, _text(data),
+        rows.append((ev.get("seq"), ev["t"], ev["cpu"], stream if isinstance(stream, str) else None, _text(data),
                      len(data)))
     if not rows:
         return empty_frame("console")
@@ -472,7 +464,7 @@ def _virtio_frame(rich: list[dict]) -> pd.DataFrame:
         descs = [list(d) for d in descs if isinstance(d, (list, tuple))] if isinstance(descs, list) else None
         msg = ev.get("message")
         op = ev.get("op")
-        rows.append({"seq": ev.get("seq"), "t_ns": _t(ev), "vcpu": _cpu(ev), "op": op if isinstance(op, str) else None,
+        rows.append({"seq": ev.get("seq"), "t_ns": ev["t"], "vcpu": ev["cpu"], "op": op if isinstance(op, str) else None,
                      "queue": _int(ev.get("queue")), "head": _int(ev.get("head")), "slot": _int(ev.get("slot")),
                      "descriptors": descs, "n_descriptors": len(descs) if descs is not None else None,
                      "length": _int(ev.get("len")), "used_idx": _int(ev.get("used_idx")),
@@ -489,7 +481,7 @@ def _packets_frame(rich: list[dict]) -> pd.DataFrame:
             continue
         frame = _bytes(ev.get("frame"))
         d, via, dropped = ev.get("dir"), ev.get("via"), ev.get("dropped")
-        row = {"seq": ev.get("seq"), "t_ns": _t(ev), "vcpu": _cpu(ev), "direction": d if isinstance(d, str) else None,
+        row = {"seq": ev.get("seq"), "t_ns": ev["t"], "vcpu": ev["cpu"], "direction": d if isinstance(d, str) else None,
                "length": _int(ev.get("len")) if _int(ev.get("len")) is not None else len(frame),
                "queue": _int(ev.get("queue")), "head": _int(ev.get("head")),
                "via": via if isinstance(via, str) else None, "dropped": dropped if isinstance(dropped, str) else None,

@@ -165,8 +165,7 @@ def vcpu_activity(trace: "Trace | str", bins: int = 200, save=None) -> Figure:
                    extent=(0, span / div, len(vcpus) - 0.5, -0.5))
     life: dict[int, list[int]] = {}
     for ev in tr.events("vcpu"):
-        if type(ev.get("t")) is int and type(ev.get("cpu")) is int:
-            life.setdefault(ev["cpu"], []).append(ev["t"])
+        life.setdefault(ev["cpu"], []).append(ev["t"])
     for i, v in enumerate(vcpus):
         if life.get(v):  # the vCPU's life, from its start to its stop event
             ax.plot([min(life[v]) / div, max(life[v]) / div], [i + 0.3, i + 0.3], color="tab:orange", lw=2,
