@@ -48,10 +48,8 @@ def export_main(ns) -> int:
     out = ns.output or _default_output(ns.trace, ns.format)
     try:
         if ns.format == "perfetto":
-            mode = getattr(ns, "exits", None) or "auto"
+            mode = export.exit_mode(getattr(ns, "exits", None) or "auto", len(tr.exits))
             export.to_perfetto(tr, out, exits=mode)
-            if mode == "auto":
-                mode = "instant" if len(tr.exits) <= export.AUTO_INSTANT_LIMIT else "counter"
             exits = {"instant": f"{len(tr.exits)} exits as instant events",
                      "counter": f"{len(tr.exits)} exits as per-vCPU exit-rate counters",
                      "none": "no exits"}[mode]

@@ -56,6 +56,15 @@ def _us(ns: int | float) -> float:
     return round(float(ns) / 1000.0, 3)
 
 
+def exit_mode(exits: str, n_exits: int) -> str:
+    """How the Perfetto export shows ``n_exits`` exits: ``exits`` itself, with ``"auto"`` resolved."""
+    if exits not in ("auto", "instant", "counter", "none"):
+        raise ValueError(f"exits={exits!r}: choose auto, instant, counter or none")
+    if exits == "auto":
+        return "instant" if n_exits <= AUTO_INSTANT_LIMIT else "counter"
+    return exits
+
+
 def perfetto_events(trace: "Trace | str", exits: str = "auto", counter_bins: int = 1000) -> list[dict]:
     """The trace as a list of Chrome trace events (process 1 = the VM, thread v+1 = vCPU v, thread 0 =
     the hypervisor).  Hypercalls are complete ("X") slices with their decoded arguments; each vCPU also gets a
@@ -63,11 +72,8 @@ def perfetto_events(trace: "Trace | str", exits: str = "auto", counter_bins: int
     exit-rate counters (``"counter"``), or left out (``"none"``); ``"auto"`` picks instants up to
     AUTO_INSTANT_LIMIT exits.  Console output, host requests and network frames are instant events."""
     tr = as_trace(trace)
-    if exits not in ("auto", "instant", "counter", "none"):
-        raise ValueError(f"exits={exits!r}: choose auto, instant, counter or none")
     ex, hc = tr.exits, tr.hypercalls
-    if exits == "auto":
-        exits = "instant" if len(ex) <= AUTO_INSTANT_LIMIT else "counter"
+    exits = exit_mode(exits, len(ex))
     pid = 1
     kernel = tr.meta.get("kernel") if isinstance(tr.meta.get("kernel"), dict) else {}
     kname = os.path.basename(str(kernel.get("path", ""))) or os.path.basename(tr.path)

@@ -33,10 +33,6 @@ RET_RANGE = {"open": I32, "close": I32, "unlink": I32, "read": I64, "write": I64
              "boot_time": I64, "cpu_freq": U32}
 
 
-def _is_int(v) -> bool:
-    return type(v) is int
-
-
 class ReplayingHostIO(ConsoleBackend):
     def __init__(self, path: str, cpus: int, console: Console) -> None:
         self.streams = {cpu: CpuStream(path, cpu, {"hostio"}) for cpu in range(cpus)}
@@ -74,7 +70,7 @@ class ReplayingHostIO(ConsoleBackend):
         rec = self.request(cpu, op, args)
         ret = rec.get("ret")
         lo, hi = RET_RANGE[op]
-        if not _is_int(ret) or not lo <= ret <= hi:
+        if type(ret) is not int or not lo <= ret <= hi:
             raise self._malformed(rec, f"result {ret!r:.60} is not an integer in [{lo}, {hi}]")
         return ret, rec
 

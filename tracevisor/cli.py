@@ -491,14 +491,12 @@ def cmd_diff(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
+    if ns.exits is not None and ns.format != "perfetto":
+        raise TracevisorError("--exits applies to --format perfetto only")
     if ns.format != "pcap":
         if ns.direction:
             raise TracevisorError("--direction applies to --format pcap only")
-        if ns.exits is not None and ns.format != "perfetto":
-            raise TracevisorError("--exits applies to --format perfetto only")
         return _analysis_cli().export_main(ns)
-    if ns.exits is not None:
-        raise TracevisorError("--exits applies to --format perfetto only")
     from .pcap import write_pcap
 
     _open_trace(ns.trace).close()  # a clear one-line error for a file that is not a trace
