@@ -84,13 +84,13 @@ class BuildPyWithGuests(build_py):
             shutil.rmtree(dest)
         if shutil.which("gcc") is None:
             warnings.warn("gcc not found: shipping the guest sources only; "
-                          "the example guests will be built on first use")
+                          "the example guests will be built on first use", stacklevel=2)
             return
         guestbuild = load_guestbuild()
         try:
             built = guestbuild.build(outdir=dest)
         except guestbuild.TracevisorError as exc:
-            warnings.warn(f"example guests not prebuilt ({exc}); they will be built on first use")
+            warnings.warn(f"example guests not prebuilt ({exc}); they will be built on first use", stacklevel=2)
             shutil.rmtree(dest, ignore_errors=True)
             return
         for path in built.values():

@@ -1,11 +1,11 @@
 """Analysis of tracevisor traces with pandas: frames, statistics, plots, exports, diffs, many traces.
 
-    import analysis
+    from tracevisor import analysis
     tr = analysis.load("run.tvt")          # tr.exits, tr.hypercalls, tr.files, tr.console, tr.virtio, tr.packets, tr.meta
     print(analysis.stats(tr))              # like `tracevisor stats run.tvt`
     analysis.diff("a.tvt", "b.tvt")        # first differing event, count and byte differences
     analysis.load_many("runs/*.tvt")       # one frame of many traces, with a `trace` column
-    from analysis import plots             # matplotlib figures (Agg)
+    from tracevisor.analysis import plots             # matplotlib figures (Agg)
 
 Frames, columns and dtypes: docs/analysis.md (and analysis.columns.FRAMES).  This package is the only part
 of tracevisor that imports pandas, numpy, pyarrow or matplotlib (the ``[analysis]`` extra).

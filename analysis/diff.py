@@ -301,7 +301,7 @@ def _per_reason(a: Trace, b: Trace) -> pd.DataFrame:
     return out[["reason", "count_a", "count_b", "count_diff"]]
 
 
-def diff(a: "Trace | str | os.PathLike", b: "Trace | str | os.PathLike", ignore: tuple[str, ...] = ()) -> TraceDiff:
+def diff(a: Trace | str | os.PathLike, b: Trace | str | os.PathLike, ignore: tuple[str, ...] = ()) -> TraceDiff:
     """Compare two traces (paths or loaded traces); ``ignore`` names more event fields not to compare (exit
     fields too: reason, rip, port, dir, size, value)."""
     ta, tb = as_trace(a), as_trace(b)

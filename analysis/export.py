@@ -65,7 +65,7 @@ def exit_mode(exits: str, n_exits: int) -> str:
     return exits
 
 
-def perfetto_events(trace: "Trace | str", exits: str = "auto", counter_bins: int = 1000) -> list[dict]:
+def perfetto_events(trace: Trace | str, exits: str = "auto", counter_bins: int = 1000) -> list[dict]:
     """The trace as a list of Chrome trace events (process 1 = the VM, thread v+1 = vCPU v, thread 0 =
     the hypervisor).  Hypercalls are complete ("X") slices with their decoded arguments; each vCPU also gets a
     "running" slice from its start to its stop; exits are instant events (``exits="instant"``), per-vCPU
@@ -169,7 +169,7 @@ def perfetto_events(trace: "Trace | str", exits: str = "auto", counter_bins: int
     return out + body
 
 
-def to_perfetto(trace: "Trace | str", path: str | os.PathLike, exits: str = "auto", counter_bins: int = 1000) -> str:
+def to_perfetto(trace: Trace | str, path: str | os.PathLike, exits: str = "auto", counter_bins: int = 1000) -> str:
     """Write the trace as Chrome trace-event JSON (``{"traceEvents": [...]}``) for ui.perfetto.dev."""
     tr = as_trace(trace)
     doc = {"traceEvents": perfetto_events(tr, exits=exits, counter_bins=counter_bins), "displayTimeUnit": "ns",
@@ -217,7 +217,7 @@ def _write_meta(tr: Trace, outdir: str) -> str:
     return path
 
 
-def to_parquet(trace: "Trace | str", outdir: str | os.PathLike, trace_name: str | None = None) -> list[str]:
+def to_parquet(trace: Trace | str, outdir: str | os.PathLike, trace_name: str | None = None) -> list[str]:
     """One Parquet file per frame (``exits.parquet``, ``hypercalls.parquet``, ...) plus ``meta.json`` in
     ``outdir``.  With ``trace_name``, every file also gets a leading ``trace`` column holding it (for
     querying many exports together)."""
@@ -236,7 +236,7 @@ def to_parquet(trace: "Trace | str", outdir: str | os.PathLike, trace_name: str 
     return written
 
 
-def to_csv(trace: "Trace | str", outdir: str | os.PathLike) -> list[str]:
+def to_csv(trace: Trace | str, outdir: str | os.PathLike) -> list[str]:
     """One CSV file per frame (header row, comma-separated, an empty field for a missing value) plus
     ``meta.json``."""
     tr = as_trace(trace)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterable, Iterator
 from functools import cached_property
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,7 +70,7 @@ class Trace:
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_reader(cls, reader) -> "Trace":
+    def from_reader(cls, reader) -> Trace:
         cols, rich, malformed = _read_exit_columns(reader)
         exits = _exits_frame(cols, _vcpu_ends(rich, cols["vcpu"]))
         warnings = list(reader.warnings)
@@ -168,7 +169,7 @@ def load(path: str | os.PathLike) -> Trace:
         reader.close()
 
 
-def as_trace(trace: "Trace | str | os.PathLike") -> Trace:
+def as_trace(trace: Trace | str | os.PathLike) -> Trace:
     return trace if isinstance(trace, Trace) else load(trace)
 
 

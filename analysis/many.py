@@ -13,7 +13,7 @@ import glob as _glob
 import hashlib
 import os
 import shutil
-from typing import Iterable
+from collections.abc import Iterable
 
 import pandas as pd
 
@@ -21,7 +21,7 @@ from .columns import FRAME_NAMES, conform
 from .frames import load
 
 
-def _paths(pattern: "str | os.PathLike | Iterable[str | os.PathLike]") -> list[str]:
+def _paths(pattern: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
     if isinstance(pattern, (str, os.PathLike)):
         p = os.fspath(pattern)
         if os.path.isdir(p):
@@ -43,7 +43,7 @@ def _names(paths: list[str]) -> list[str]:
     return [os.path.splitext(os.path.relpath(os.path.abspath(p), common))[0] for p in paths]
 
 
-def load_many(pattern: "str | os.PathLike | Iterable[str | os.PathLike]", frame: str = "exits") -> pd.DataFrame:
+def load_many(pattern: str | os.PathLike | Iterable[str | os.PathLike], frame: str = "exits") -> pd.DataFrame:
     """``frame`` (exits, hypercalls, files, console, virtio, packets, or ``meta`` — one row per trace) of every
     trace matching ``pattern`` (a glob, a directory of ``.tvt`` files, or a list of paths), concatenated, with a
     categorical ``trace`` column first.  Column dtypes are the documented ones."""

@@ -4,7 +4,7 @@ so they work headless and in notebooks alike).
 Each function takes a loaded :class:`analysis.Trace` or a path, returns a ``matplotlib.figure.Figure`` and,
 with ``save="file.png"``, also writes it as PNG::
 
-    from analysis import plots
+    from tracevisor.analysis import plots
     fig = plots.exit_rate(trace, save="exit-rate.png")
 """
 
@@ -50,7 +50,7 @@ def _span(trace: Trace) -> int:
     return max(trace.end_ns, 1)
 
 
-def exit_rate(trace: "Trace | str", bins: int = 100, by_reason: bool = True, save=None) -> Figure:
+def exit_rate(trace: Trace | str, bins: int = 100, by_reason: bool = True, save=None) -> Figure:
     """Exits per second over time (stacked by exit reason, or one line)."""
     tr = as_trace(trace)
     ex = tr.exits
@@ -79,7 +79,7 @@ def exit_rate(trace: "Trace | str", bins: int = 100, by_reason: bool = True, sav
     return _finish(fig, save)
 
 
-def hypercall_latency(trace: "Trace | str", bins: int = 40, save=None) -> Figure:
+def hypercall_latency(trace: Trace | str, bins: int = 40, save=None) -> Figure:
     """Histogram of host latency (t_end - t) per hypercall, log-spaced bins in µs."""
     tr = as_trace(trace)
     hc = tr.hypercalls
@@ -105,7 +105,7 @@ def hypercall_latency(trace: "Trace | str", bins: int = 40, save=None) -> Figure
     return _finish(fig, save)
 
 
-def io_bytes(trace: "Trace | str", save=None) -> Figure:
+def io_bytes(trace: Trace | str, save=None) -> Figure:
     """Cumulative bytes over time: guest→host (writes, file names), host→guest (reads, command line),
     console output, and network frames sent/received."""
     tr = as_trace(trace)
@@ -144,7 +144,7 @@ def io_bytes(trace: "Trace | str", save=None) -> Figure:
     return _finish(fig, save)
 
 
-def vcpu_activity(trace: "Trace | str", bins: int = 200, save=None) -> Figure:
+def vcpu_activity(trace: Trace | str, bins: int = 200, save=None) -> Figure:
     """Per vCPU: a heat strip of exits per time bin, with hypercalls marked on top."""
     tr = as_trace(trace)
     ex, hc = tr.exits, tr.hypercalls
@@ -181,7 +181,7 @@ def vcpu_activity(trace: "Trace | str", bins: int = 200, save=None) -> Figure:
     return _finish(fig, save)
 
 
-def all_plots(trace: "Trace | str", outdir: str | os.PathLike) -> list[str]:
+def all_plots(trace: Trace | str, outdir: str | os.PathLike) -> list[str]:
     """Write the four plots as PNG files into ``outdir``; returns their paths."""
     tr = as_trace(trace)
     os.makedirs(outdir, exist_ok=True)

@@ -207,6 +207,6 @@ def _table(df: pd.DataFrame, title: str, key: str, with_bytes: bool = False) -> 
     return out
 
 
-def stats(trace: "Trace | str | os.PathLike", by: str | None = None) -> Stats:
+def stats(trace: Trace | str | os.PathLike, by: str | None = None) -> Stats:
     """Statistics of a trace (a path or a loaded :class:`analysis.Trace`); ``by="vcpu"`` splits per vCPU."""
     return Stats(as_trace(trace), by=by)

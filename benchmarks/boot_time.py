@@ -7,7 +7,6 @@ whole `tracevisor run` process, best of N.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time

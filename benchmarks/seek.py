@@ -18,8 +18,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--every", type=int, default=5000, help="exits between checkpoints")
     a = ap.parse_args()
-    import replay
-    from tracevisor import guestbuild
+    from tracevisor import guestbuild, replay
     from tracevisor.trace import open_trace
 
     tmp = Path(tempfile.mkdtemp(prefix="tv-seek-"))

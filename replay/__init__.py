@@ -6,6 +6,6 @@
 """
 
 from .offline import TraceWalk, open  # noqa: A004
-from .replayer import ReadOnlyMemory, ReplayEvent, Replayer, ReplayResult
+from .replayer import ReadOnlyMemory, Replayer, ReplayEvent, ReplayResult
 
 __all__ = ["open", "TraceWalk", "Replayer", "ReplayResult", "ReplayEvent", "ReadOnlyMemory"]

@@ -8,7 +8,7 @@ which compares them with the recording of the same vCPU, field by field, and rai
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from tracevisor.errors import Divergence
 from tracevisor.kvm.uapi import EXIT_REASON_NAMES

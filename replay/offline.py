@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from tracevisor.trace import open_trace
 
@@ -149,7 +149,7 @@ class TraceWalk:
     def __iter__(self) -> Iterator[dict]:
         return self.events()
 
-    def run_to_end(self) -> "TraceWalk":
+    def run_to_end(self) -> TraceWalk:
         for _ in self.events():
             pass
         return self
@@ -157,7 +157,7 @@ class TraceWalk:
     def close(self) -> None:
         self.reader.close()
 
-    def __enter__(self) -> "TraceWalk":
+    def __enter__(self) -> TraceWalk:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from tracevisor.errors import Divergence, LoaderError, TracevisorError
 from tracevisor.hostio import Console
@@ -70,7 +70,7 @@ class ReplayEvent:
 
     __slots__ = ("kind", "seq", "cpu", "fields", "_replayer")
 
-    def __init__(self, replayer: "Replayer", cpu: int, ev: tuple) -> None:
+    def __init__(self, replayer: Replayer, cpu: int, ev: tuple) -> None:
         self.kind, self.seq, payload = ev
         self.cpu = cpu
         self.fields = exit_dict(self.seq, payload) if self.kind == "exit" else payload
@@ -180,7 +180,7 @@ class Replayer:
         self._pause_message = "paused"
 
     # -- API -------------------------------------------------------------------------------------
-    def on(self, kind: str, fn: Callable[[ReplayEvent], object]) -> "Replayer":
+    def on(self, kind: str, fn: Callable[[ReplayEvent], object]) -> Replayer:
         """Call ``fn(event)`` for each replayed event of ``kind`` (exit, hypercall, vcpu, mmio, virtio, net or
         event=all)."""
         if kind not in KINDS:
@@ -277,7 +277,7 @@ class Replayer:
             self.machine.close()
             self.machine = None
 
-    def __enter__(self) -> "Replayer":
+    def __enter__(self) -> Replayer:
         return self
 
     def __exit__(self, *exc) -> None:

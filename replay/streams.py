@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from tracevisor.trace import open_trace
 from tracevisor.trace.schema import EXIT_ROW
@@ -102,7 +102,7 @@ class CpuStream:
         return self._before + self.i
 
     @classmethod
-    def at(cls, path: str, cpu: int, kinds: set[str], consumed: int) -> "CpuStream":
+    def at(cls, path: str, cpu: int, kinds: set[str], consumed: int) -> CpuStream:
         """A stream positioned after its first ``consumed`` events (restoring a checkpoint)."""
         s = cls(path, cpu, kinds)
         while s.consumed < consumed:

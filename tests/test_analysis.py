@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import analysis
-from analysis.columns import FRAMES, FRAME_NAMES, columns
 from helpers import run_cli
+from tracevisor import analysis
+from tracevisor.analysis.columns import FRAME_NAMES, FRAMES, columns
 from tracevisor.trace import TraceWriter, open_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def _dtype_ok(series: pd.Series, documented: str) -> bool:
     if documented == "Int64":
         return isinstance(dt, pd.Int64Dtype)
     if documented == "object":
-        return dt == object
+        return dt == np.dtype(object)
     return dt == np.dtype(documented)
 
 
@@ -537,7 +537,7 @@ def test_diff_trouble_is_status_2(tmp_path):
 def test_plots_return_figures_and_save_png(loaded, name, tmp_path):
     from matplotlib.figure import Figure
 
-    from analysis import plots
+    from tracevisor.analysis import plots
 
     tr = loaded[name]
     for fn in (plots.exit_rate, plots.hypercall_latency, plots.io_bytes, plots.vcpu_activity):

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-import analysis
 from helpers import run_cli
+from tracevisor import analysis
 
 pytestmark = pytest.mark.kvm
 

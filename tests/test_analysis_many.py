@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-import analysis
+from tracevisor import analysis
 from tracevisor.trace import TraceWriter
 
 N_TRACES = 60
@@ -27,7 +27,7 @@ def write_compute_like(path, n: int, code: int) -> None:
         w.exit(0, t, 2, 0x400400, port, 1, 4, 0x9000)
         w.event("hostio", 0, t + 50, op="cmdline", args=[], ret=[[b"compute", str(n).encode()], []])
         w.event("hypercall", 0, t + 10, call=call, port=port, addr=0x9000, block=b"", args={}, ret=0, t_end=t + 90)
-    for i in range(n):
+    for _i in range(n):
         t += 700
         w.exit(0, t, 2, 0x4001AC, 0x800, 1, 1, 0x2E)
     line = f"compute: N={n}\n".encode()

@@ -26,7 +26,7 @@ def assert_clean(r, status, *fragments):
 
 def test_triple_fault(tmp_path):
     k = build_asm(tmp_path, "ud2", "  ud2")
-    err = assert_clean(run_cli("run", str(k)), 3, "triple fault on vCPU 0", "code at rip: 0f 0b", "rip=")
+    assert_clean(run_cli("run", str(k)), 3, "triple fault on vCPU 0", "code at rip: 0f 0b", "rip=")
 
 
 def test_sse_instruction_is_reported(tmp_path):

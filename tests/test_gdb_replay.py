@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from test_gdb import REPO, Hypervisor, _need_gdb, demo, run_gdb, symbols  # noqa: F401,F811  (demo: fixture)
 
 from helpers import run_cli
-from test_gdb import REPO, Hypervisor, _need_gdb, demo, run_gdb, symbols  # noqa: F401  (demo: fixture)
 
 pytestmark = pytest.mark.kvm
 
@@ -30,7 +30,7 @@ class ReplayHypervisor(Hypervisor):
         self.port = self._wait_port()
 
 
-def test_reverse_continue_and_reverse_stepi_with_gdb(demo, tmp_path):
+def test_reverse_continue_and_reverse_stepi_with_gdb(demo, tmp_path):  # noqa: F811
     _need_gdb()
     kernel = demo["exec"]
     trace = tmp_path / "demo.tvt"

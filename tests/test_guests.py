@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from tracevisor import guestbuild
-
 from helpers import run_cli
+from tracevisor import guestbuild
 
 pytestmark = pytest.mark.kvm
 

@@ -14,8 +14,14 @@ import pytest
 
 from tracevisor.devices import virtio_net as vn
 from tracevisor.devices.pci import CONFIG_DATA, PciBus
-from tracevisor.devices.virtqueue import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-                                          QueueError, VirtQueue, ring_bytes)
+from tracevisor.devices.virtqueue import (
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    QueueError,
+    VirtQueue,
+    ring_bytes,
+)
 from tracevisor.errors import GuestError
 from tracevisor.memory import GuestMemory
 from tracevisor.trace import TraceWriter, open_trace, schema

@@ -18,7 +18,6 @@ import sys
 import textwrap
 
 import pytest
-
 from test_net_udp import Guest
 
 pytestmark = pytest.mark.kvm
@@ -107,7 +106,7 @@ def test_ping_udp_record_replay_pcap(netns, guests, tmp_path, monkeypatch):
 
     # Replay with no network at all: a backend must not even be created.
     from tracevisor import netbackend
-    from replay import Replayer
+    from tracevisor.replay import Replayer
 
     def no_network(*a, **k):
         raise AssertionError("replay tried to open a network backend")

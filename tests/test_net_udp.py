@@ -119,7 +119,7 @@ def test_udp_backend_record_and_replay(netecho, tmp_path):
     assert len(chains) == 12 and all(c["data"][10:] in {e["frame"] for e in net} for c in chains)
 
     # callbacks see the network events as they are replayed, with the guest's memory at that point
-    from replay import Replayer
+    from tracevisor.replay import Replayer
 
     seen = []
 
@@ -195,7 +195,7 @@ def test_time_travel_over_network_traffic(netecho, tmp_path):
         peer.sock.close()
     assert rc == 0, err
 
-    from replay import Replayer
+    from tracevisor.replay import Replayer
     from tracevisor.trace import open_trace
 
     net = [e for e in open_trace(trace).events(kinds=["net"])]

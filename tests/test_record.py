@@ -12,7 +12,6 @@ import time
 import pytest
 
 from helpers import run_cli
-from tracevisor import guestbuild
 from tracevisor.trace import open_trace
 
 pytestmark = pytest.mark.kvm
@@ -90,9 +89,9 @@ def test_exit_count_and_dense_sequence(tmp_path, guests):
     text = b"".join(e["data"] for e in events if e["k"] == "console" and e["stream"] == "uart")
     assert text == bytes(e["value"] for e in exits if e["port"] == 0x800)
     # the same count the run loop itself saw
-    from tracevisor.machine import Machine, VmConfig
     from tracevisor.hostio import Console, LiveHostIO
     from tracevisor.loader import load_kernel
+    from tracevisor.machine import Machine, VmConfig
     from tracevisor.sandbox import Sandbox
 
     cfg = VmConfig(kernel=str(guests["compute"]))

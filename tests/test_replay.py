@@ -7,10 +7,10 @@ import os
 import shutil
 
 import pytest
-
-import replay
-from helpers import run_cli
 from test_guests import FILES_OUT
+
+from helpers import run_cli
+from tracevisor import replay
 from tracevisor.errors import TracevisorError
 from tracevisor.trace import TraceWriter, open_trace
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import analysis
+from tracevisor import analysis
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-import replay
 from helpers import run_cli
+from tracevisor import replay
 from tracevisor.errors import TracevisorError
 from tracevisor.trace import open_trace
 
@@ -85,8 +85,8 @@ def test_backwards_without_checkpoints_is_a_clear_error(compute_trace):
 def test_reverse_continue_and_reverse_step_in_the_replay_target(guests, tmp_path):
     from elftools.elf.elffile import ELFFile
 
-    from replay.debugtarget import ReplayTarget
     from tracevisor.gdbstub import BP_HARDWARE
+    from tracevisor.replay.debugtarget import ReplayTarget
 
     mnt = tmp_path / "m"
     mnt.mkdir()

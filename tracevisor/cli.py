@@ -309,7 +309,7 @@ def cmd_record(ns: argparse.Namespace) -> int:
 
     from .hostio import Console, LiveHostIO, RecordingHostIO
     from .kvm.uapi import EXIT_REASON_NAMES
-    from .machine import Machine, StopInfo, STATUS_ERROR, parse_size
+    from .machine import STATUS_ERROR, Machine, StopInfo, parse_size
     from .trace import TraceWriter
 
     max_bytes = parse_size(ns.max_trace_size) if ns.max_trace_size else None
@@ -359,7 +359,7 @@ def cmd_record(ns: argparse.Namespace) -> int:
 def cmd_replay(ns: argparse.Namespace) -> int:
     import json
 
-    from replay import Replayer
+    from tracevisor.replay import Replayer
 
     if ns.gdb is not None:
         return _replay_gdb(ns)
@@ -388,8 +388,8 @@ def cmd_replay(ns: argparse.Namespace) -> int:
 
 
 def _replay_gdb(ns: argparse.Namespace) -> int:
-    from replay import Replayer
-    from replay.debugtarget import ReplayTarget
+    from tracevisor.replay import Replayer
+    from tracevisor.replay.debugtarget import ReplayTarget
 
     from .debugtarget import parse_gdb_address, serve_gdb
 
@@ -470,7 +470,7 @@ def cmd_dump(ns: argparse.Namespace) -> int:
 def _analysis_cli():
     """analysis.cli, or a one-line error when the [analysis] extra (pandas, ...) is not installed."""
     try:
-        from analysis import cli
+        from tracevisor.analysis import cli
     except ImportError as e:
         raise TracevisorError(f"this command needs the analysis extra ({e.name or e} is missing): "
                               "pip install 'tracevisor[analysis]'") from None

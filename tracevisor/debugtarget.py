@@ -35,11 +35,31 @@ import threading
 from dataclasses import dataclass
 
 from .errors import GuestError, TracevisorError
-from .gdbstub import (BP_HARDWARE, BP_SOFTWARE, REGISTERS, SIGABRT, SIGALRM, SIGILL, SIGINT, SIGSEGV,
-                      SIGSYS, SIGTERM, SIGTRAP, WATCH_ACCESS, WATCH_WRITE, GdbStub, Stop, TargetError,
-                      pack_registers, unpack_registers, E_FAULT, E_INVAL, listen)
+from .gdbstub import (
+    BP_HARDWARE,
+    BP_SOFTWARE,
+    E_FAULT,
+    E_INVAL,
+    REGISTERS,
+    SIGABRT,
+    SIGALRM,
+    SIGILL,
+    SIGINT,
+    SIGSEGV,
+    SIGSYS,
+    SIGTERM,
+    SIGTRAP,
+    WATCH_ACCESS,
+    WATCH_WRITE,
+    GdbStub,
+    Stop,
+    TargetError,
+    listen,
+    pack_registers,
+    unpack_registers,
+)
 from .kvm import uapi as U
-from .machine import StopInfo, STATUS_ERROR
+from .machine import STATUS_ERROR, StopInfo
 
 MAX_STEP_WATCH = 1 << 16  # bytes compared after every step, per watchpoint
 STATUS_KILLED = 137  # the VM was killed from gdb (128 + SIGKILL, as a shell reports a killed process)

@@ -222,7 +222,7 @@ def _write_polled(fd: int, gave_up, data: bytes) -> None:
 class ConsoleBackend(HostIO):
     """Guest output to a :class:`Console` (``self.console_out``): shared by the live and replaying backends."""
 
-    console_out: "Console"
+    console_out: Console
 
     def console(self, cpu, stream, data):
         self.console_out.write(stream, data)  # "uart" shares stdout with fd 1, as under uhyve

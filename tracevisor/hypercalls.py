@@ -10,8 +10,8 @@ GuestError, which stops the VM with a report.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .errors import GuestError
 

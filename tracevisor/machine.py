@@ -23,8 +23,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from . import arch_x86_64 as arch
 from . import hypercalls
@@ -72,7 +72,7 @@ class GuestExit(Exception):
 
 
 class VmStop(Exception):
-    def __init__(self, info: "StopInfo") -> None:
+    def __init__(self, info: StopInfo) -> None:
         super().__init__(info.message)
         self.info = info
 
@@ -183,7 +183,7 @@ class Machine:
         self._stopping = threading.Event()
         self._noted: set[tuple[str, int]] = set()  # unknown IN ports / MMIO addresses already logged
         self.exit_hooks: list[Callable] = []
-        self.stop_conditions: list[Callable[[], "StopInfo | None"]] = []  # polled by the main thread
+        self.stop_conditions: list[Callable[[], StopInfo | None]] = []  # polled by the main thread
         self.caps = {
             "sync_regs": self.kvm.check_extension(U.KVM_CAP_SYNC_REGS),
             "irqchip": self.kvm.check_extension(U.KVM_CAP_IRQCHIP),
@@ -314,7 +314,7 @@ class Machine:
                 v.stop_request = None
         return self._execute()
 
-    def request_pause(self, v: "VcpuState", message: str = "paused") -> None:
+    def request_pause(self, v: VcpuState, message: str = "paused") -> None:
         """Pause the VM after the exit being handled (call from v's own thread, e.g. a replay callback)."""
         v.stop_request = ("paused", message)
         v.vcpu.run.immediate_exit = 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+
 def _mac(b: bytes) -> str:
     return ":".join(f"{x:02x}" for x in b)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import struct
 import sys
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 MAGIC_NS = 0xA1B23C4D
 LINKTYPE_ETHERNET = 1

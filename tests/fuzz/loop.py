@@ -23,8 +23,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fuzzlib import (  # noqa: E402
-    DispatchWorld, QueueWorld, RandomChooser, base_trace, check_trace_file, trace_case)
+from fuzzlib import DispatchWorld, QueueWorld, RandomChooser, base_trace, check_trace_file, trace_case  # noqa: E402
 
 CHECK_EVERY = 200  # host snapshot and fd-table recycling period (dispatch)
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("pandas")
 
-import analysis  # noqa: E402
-from analysis import plots  # noqa: E402
+from tracevisor import analysis  # noqa: E402
+from tracevisor.analysis import plots  # noqa: E402
 from tracevisor.errors import TracevisorError  # noqa: E402
 from tracevisor.trace import TraceWriter, open_trace  # noqa: E402
 

@@ -4,10 +4,11 @@ sandboxed LiveHostIO over a temporary mount.  Only GuestError may escape; the ho
 from __future__ import annotations
 
 import pytest
-from fuzzlib import DispatchWorld, HypothesisChooser
 from fuzzsettings import budget
 from hypothesis import given
 from hypothesis import strategies as st
+
+from fuzzlib import DispatchWorld, HypothesisChooser
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["live", "recorded"])

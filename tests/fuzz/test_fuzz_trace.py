@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 
 import pytest
-from fuzzlib import HypothesisChooser, base_trace, boundaries, check_trace_file, trace_case
 from fuzzsettings import budget
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzzlib import HypothesisChooser, base_trace, boundaries, check_trace_file, trace_case
 from tracevisor.trace import schema as S
 
 
@@ -60,9 +60,9 @@ def test_footer_with_malformed_summary_fields(bases, tmp_path):
 
     import msgpack
 
+    from fuzzlib import frames
     from tracevisor.trace import open_trace
     from tracevisor.trace.dump import info_text
-    from fuzzlib import frames
 
     data = bases[None]
     off, _t, n = frames(data)[-1]

@@ -4,10 +4,11 @@ and every descriptor chain it accepts lies inside guest RAM and within the chain
 from __future__ import annotations
 
 import pytest
-from fuzzlib import HypothesisChooser, QueueWorld
 from fuzzsettings import budget
 from hypothesis import given
 from hypothesis import strategies as st
+
+from fuzzlib import HypothesisChooser, QueueWorld
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ class VirtioNetPci(PciFunction):
 
     COMMAND_WRITABLE = 0x0407  # I/O space, memory space, bus master, INTx disable
 
-    def __init__(self, device: "VirtioNet") -> None:
+    def __init__(self, device: VirtioNet) -> None:
         self.device = device
         c = bytearray(256)
         struct.pack_into("<HH", c, 0x00, VENDOR_ID, DEVICE_ID)

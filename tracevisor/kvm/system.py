@@ -89,7 +89,7 @@ class Kvm:
         _ioctl(self.fd, U.KVM_GET_MSR_INDEX_LIST, lst, "KVM_GET_MSR_INDEX_LIST")
         return [lst.indices[i] for i in range(lst.nmsrs)]
 
-    def create_vm(self) -> "Vm":
+    def create_vm(self) -> Vm:
         while True:
             try:
                 vmfd = fcntl.ioctl(self.fd, U.KVM_CREATE_VM, 0)
@@ -149,7 +149,7 @@ class Vm:
         except OSError:
             return False
 
-    def create_vcpu(self, vcpu_id: int) -> "Vcpu":
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
         fd = _ioctl(self.fd, U.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
         vcpu = Vcpu(self, vcpu_id, fd, self.kvm.vcpu_mmap_size())
         self.vcpus.append(vcpu)

@@ -7,7 +7,8 @@ Hypercalls print like strace (``write(1, "Hello\\n", 6) = 6``), exits as
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .. import netparse
 from .reader import TraceReader

@@ -11,7 +11,8 @@ import os
 import sys
 import zlib
 from array import array
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import msgpack
 
@@ -574,7 +575,7 @@ class TraceReader:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "TraceReader":
+    def __enter__(self) -> TraceReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

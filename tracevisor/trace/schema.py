@@ -14,8 +14,9 @@ everything else is rare, varied and benefits from self-describing, extensible ma
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 # --------------------------------------------------------------------------------------------------
 # File layout
@@ -487,7 +488,7 @@ def markdown_tables() -> str:
     out += ["", "### Chunk payload", ""]
     out += _table(CHUNK_FIELDS)
     out += ["", "### Exit row (27 bytes, little-endian, `<QQIHHBBB`)", "", "| offset | field | type |", "|---|---|---|"]
-    for name, np_type in EXIT_DTYPE_FIELDS:
+    for name, _np_type in EXIT_DTYPE_FIELDS:
         off, width = EXIT_FIELD_LAYOUT[name]
         out.append(f"| {off} | `{name}` | u{width * 8} |")
     out += ["", "### Exit reasons", "", "| reason | name |", "|---|---|"]

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 import weakref
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import msgpack
@@ -92,7 +92,7 @@ def _encode_fallback(obj: Any) -> Any:
     return repr(obj)
 
 
-def _close_at_exit(ref: "weakref.ref[TraceWriter]") -> None:
+def _close_at_exit(ref: weakref.ref[TraceWriter]) -> None:
     writer = ref()
     if writer is not None:
         try:
@@ -102,7 +102,7 @@ def _close_at_exit(ref: "weakref.ref[TraceWriter]") -> None:
 
 
 def _utc_iso(ns: int) -> str:
-    dt = datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
+    dt = datetime.fromtimestamp(ns / 1e9, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
 
 
@@ -548,7 +548,7 @@ class TraceWriter:
         self._summary = summary
         return dict(summary)
 
-    def __enter__(self) -> "TraceWriter":
+    def __enter__(self) -> TraceWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
