@@ -308,7 +308,7 @@ class Replayer:
         m = self.machine
         if m.booted:
             return
-        m.boot(self.hostio, trace=self.checker)
+        m.boot(self.hostio, sink=self.checker)
         if self.checkpoint_every:
             from tracevisor.checkpoint import CheckpointStore
 

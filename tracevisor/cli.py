@@ -307,6 +307,7 @@ def _hoist_record_options(argv: list[str]) -> list[str]:
 def cmd_record(ns: argparse.Namespace) -> int:
     import time
 
+    from .clock import Clock
     from .hostio import Console, LiveHostIO, RecordingHostIO
     from .kvm.uapi import EXIT_REASON_NAMES
     from .machine import STATUS_ERROR, Machine, StopInfo, parse_size
@@ -325,16 +326,16 @@ def cmd_record(ns: argparse.Namespace) -> int:
         header = trace_header(ns, config, image, sandbox, argv, env, machine)
         writer = TraceWriter(ns.output, header, compress=None if ns.compress == "none" else ns.compress,
                              threadsafe=config.cpus > 1, max_bytes=max_bytes)
-        machine.t0 = writer.t0_ns  # one clock for exit rows, events and the stop record
+        clock = Clock(writer.t0_ns)  # one clock for exit rows, events and the stop record
         machine.stop_conditions.append(
             lambda: StopInfo("trace-full", STATUS_ERROR,
                              f"the trace reached --max-trace-size ({ns.max_trace_size}); recording stopped")
             if writer.full else None)
         live = LiveHostIO(sandbox, argv, env, Console(quiet=ns.quiet), tsc_khz=machine.tsc_khz)
         live.net = netdev
-        hostio = RecordingHostIO(live, writer, machine.now)
+        hostio = RecordingHostIO(live, writer, clock.now)
         try:
-            info = machine.run(hostio, trace=writer)
+            info = machine.run(hostio, sink=writer, clock=clock)
         finally:
             hostio.close_all()
         for line in live.refusal_notes(ns.verbose):

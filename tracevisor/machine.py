@@ -1,39 +1,37 @@
-"""The virtual machine and its run loop: KVM_RUN → decode the exit once → dispatch by port → trace.
+"""The VM's lifecycle: create the VM and its vCPUs, boot, run one thread per vCPU, supervise, stop.
 
-:class:`Machine` composes the pieces (KVM objects, GuestMemory, the port table, HostIO, an optional
-trace sink) and runs one host thread per vCPU.  The per-exit path is kept lean (see design notes in
-docs/architecture.md): one ``struct.unpack_from`` over the shared ``kvm_run`` page yields the exit
-reason, the port-I/O fields, RIP (from KVM_CAP_SYNC_REGS, no ioctl) and the I/O data word; the port
-table is a dict lookup; tracing is one call to ``trace.exit``.
-
-A trace sink is anything with ``exit(cpu, t_ns, reason, rip, port, direction, size, value)`` and
-``event(kind, cpu, t_ns, **fields)`` — the TraceWriter when recording, the divergence checker when
-replaying.
+:class:`Machine` owns the KVM objects, guest memory, the port table, the PCI bus and the devices, and the
+process-level control around the run: the vCPU threads, signals (Ctrl-C, SIGTERM, the vCPU kick), the
+watchdog, ``--timeout``, pause and resume.  What happens at each exit is not here: the run loop and the
+exit handlers are :mod:`tracevisor.runloop`; assembling a machine with its HostIO and trace sink for a
+run, a recording, a replay or a debugger is :mod:`tracevisor.session`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import math
-import os
 import signal
-import struct
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import arch_x86_64 as arch
 from . import hypercalls
+from .clock import Clock
 from .devices.pci import CONFIG_ADDRESS, CONFIG_DATA, PciBus
-from .errors import Divergence, GuestError, TracevisorError
+from .errors import GuestError, TracevisorError
 from .kvm import uapi as U
 from .kvm.system import Kvm, Vcpu
 from .loader import KernelImage
 from .memory import GuestMemory
+from .reports import Reporter
+from .runloop import ExitDispatcher, GuestExit, Ports, VcpuRunner, VcpuState, VmStop
+from .status import ExitStatus, StopInfo, StopReason
+
+__all__ = ["Machine", "VmConfig", "StopInfo", "StopReason", "ExitStatus", "VcpuState", "VmStop", "GuestExit",
+           "parse_size"]
 
 MIB = 1 << 20
 MIN_MEMORY = 16 * MIB
@@ -41,82 +39,21 @@ MAX_MEMORY = 0xD000_0000  # uhyve's slot 0 ends at 3.25 GiB; tracevisor keeps gu
 DEFAULT_MEMORY = 64 * MIB
 MAX_CPUS = 64
 AP_STAGGER_S = 0.05  # uhyve starts vCPU n after n × 50 ms
-MAX_NOTES = 32  # distinct unknown ports/MMIO addresses reported before going quiet
 WATCHDOG_PERIOD_S = 1.0
 KICK_SIGNAL = signal.SIGRTMIN
 
-# Process exit statuses (besides the guest's own exit code)
-STATUS_ERROR = 1  # host/configuration error
-STATUS_USAGE = 2
-STATUS_GUEST_FAULT = 3  # the VM was stopped because of the guest (fault, bad request, hang)
-STATUS_DIVERGED = 4  # replay diverged from the recording
-STATUS_TIMEOUT = 124
-STATUS_INTERRUPTED = 130
-STATUS_TERMINATED = 143
-
-_MASK = (0, 0xFF, 0xFFFF, 0, 0xFFFF_FFFF)
-_BYTES = [bytes([i]) for i in range(256)]
-
-# One unpack over kvm_run: exit_reason @8, io {direction, size, port, count, data_offset} @32,
-# s.regs.rip @432 (KVM_CAP_SYNC_REGS), and the first I/O data word at the usual data_offset 4096.
-IO_DATA_OFFSET = 4096
-_EXIT = struct.Struct("<I20xBBHIQ384xQ%dxI" % (IO_DATA_OFFSET - 440))
-_libc_ioctl = ctypes.CDLL(None, use_errno=True).ioctl  # KVM_RUN only: its number fits a C int
-_PACK_IN = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
-
-
-class GuestExit(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
-class VmStop(Exception):
-    def __init__(self, info: StopInfo) -> None:
-        super().__init__(info.message)
-        self.info = info
+# Process exit statuses, as names of the one table (tracevisor.status.ExitStatus)
+STATUS_ERROR = int(ExitStatus.ERROR)
+STATUS_USAGE = int(ExitStatus.USAGE)
+STATUS_GUEST_FAULT = int(ExitStatus.GUEST_FAULT)
+STATUS_DIVERGED = int(ExitStatus.DIVERGED)
+STATUS_TIMEOUT = int(ExitStatus.TIMEOUT)
+STATUS_INTERRUPTED = int(ExitStatus.INTERRUPTED)
+STATUS_TERMINATED = int(ExitStatus.TERMINATED)
 
 
 class _Terminated(Exception):
     pass
-
-
-@dataclass
-class StopInfo:
-    """Why and how the VM stopped; ``status`` is the process exit status the CLI returns."""
-
-    reason: str  # exit | fault | guest-error | hang | interrupted | terminated | timeout | error | stopped
-    status: int
-    message: str = ""
-    code: int | None = None  # the guest's exit code, for reason == "exit"
-    cpu: int | None = None
-    report: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return {"reason": self.reason, "status": self.status, "code": self.code, "cpu": self.cpu,
-                "message": self.message, "report": self.report}
-
-    def format(self) -> str:
-        """The human-readable stop report (empty for a normal guest exit)."""
-        if self.reason == "exit":
-            return ""
-        lines = [f"tracevisor: {self.message}"]
-        r = self.report
-        if "regs" in r:
-            g = r["regs"]
-            names = ["rip", "rsp", "rbp", "rflags", "rax", "rbx", "rcx", "rdx", "rsi", "rdi",
-                     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
-            for i in range(0, len(names), 4):
-                lines.append("  " + "  ".join(f"{n:>6}={g[n]:#018x}" for n in names[i:i + 4] if n in g))
-        if "sregs" in r:
-            s = r["sregs"]
-            lines.append("  " + "  ".join(f"{n}={s[n]:#x}" for n in ("cr0", "cr2", "cr3", "cr4", "efer")
-                                          if n in s))
-        if r.get("code_bytes"):
-            lines.append(f"  code at rip: {r['code_bytes']}")
-        for hint in r.get("hints", []):
-            lines.append(f"  hint: {hint}")
-        return "\n".join(lines)
 
 
 @dataclass
@@ -144,23 +81,6 @@ class VmConfig:
             raise TracevisorError(f"vCPU count {self.cpus} is out of range (1–{MAX_CPUS})")
 
 
-class VcpuState:
-    """Per-vCPU run-loop state (owned by that vCPU's thread)."""
-
-    def __init__(self, cpu: int, vcpu: Vcpu, ctx: hypercalls.Context) -> None:
-        self.cpu = cpu
-        self.vcpu = vcpu
-        self.ctx = ctx
-        self.thread: threading.Thread | None = None
-        self.exits = 0
-        self.parked = False  # halted with interrupts disabled (seen by the watchdog)
-        self.stop_request: tuple[str, str] | None = None  # (reason, message) asked by the main thread
-        self.uart = None  # console sink for UART bytes (HostIO.console_sink), set at boot
-        self.started = False  # has entered the guest at least once
-        self.finished = False  # stopped for good (not paused)
-        self.running = False
-
-
 class Machine:
     """One VM: create with a config and a parsed kernel, then :meth:`run` with a HostIO."""
 
@@ -174,15 +94,14 @@ class Machine:
         self.kvm = kvm or Kvm()
         self.vm = self.kvm.create_vm()
         self.memory = GuestMemory(config.memory)
-        self.t0 = time.monotonic_ns()
+        self.clock = Clock()
         self.hostio = None
-        self.trace = None
+        self.sink = None  # the trace sink of this boot (TraceWriter, replay Checker, or None)
+        self.runner: VcpuRunner | None = None
         self.stop_info: StopInfo | None = None
         self.booted = False
         self._stop_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._noted: set[tuple[str, int]] = set()  # unknown IN ports / MMIO addresses already logged
-        self.exit_hooks: list[Callable] = []
         self.stop_conditions: list[Callable[[], StopInfo | None]] = []  # polled by the main thread
         self.caps = {
             "sync_regs": self.kvm.check_extension(U.KVM_CAP_SYNC_REGS),
@@ -190,9 +109,9 @@ class Machine:
             "immediate_exit": self.kvm.check_extension(U.KVM_CAP_IMMEDIATE_EXIT),
         }
         self._setup_vm()
+        self.reporter = Reporter(self.memory, lambda msg: self.log(msg))
         self.pci = PciBus()
-        self.out_ports: dict[int, Callable] = {}
-        self.in_ports: dict[int, Callable] = {}
+        self.ports = Ports()
         self._setup_ports()
         self.net = None
         if config.net:
@@ -229,27 +148,25 @@ class Machine:
         return lambda: vcpu.get_sregs().cr3
 
     def _setup_ports(self) -> None:
-        for port in hypercalls.TABLE:
-            self.out_ports[port] = self._hypercall
-        self.out_ports[hypercalls.UART_PORT] = self._uart
         pci = self.pci
-        self.out_ports[CONFIG_ADDRESS] = lambda v, port, size, value: pci.write_address(size, value)
-        self.in_ports[CONFIG_ADDRESS] = lambda v, port, size: pci.read_address(size)
-        for p in range(CONFIG_DATA, CONFIG_DATA + 4):
-            self.out_ports[p] = lambda v, port, size, value: pci.write_data(port, size, value)
-            self.in_ports[p] = lambda v, port, size: pci.read_data(port, size)
+        self.ports.register((CONFIG_ADDRESS,), lambda v, port, size, value: pci.write_address(size, value),
+                            lambda v, port, size: pci.read_address(size))
+        self.ports.register(range(CONFIG_DATA, CONFIG_DATA + 4),
+                            lambda v, port, size, value: pci.write_data(port, size, value),
+                            lambda v, port, size: pci.read_data(port, size))
 
     def register_ports(self, ports, out_handler=None, in_handler=None) -> None:
         """Devices add their I/O ports: out_handler(v, port, size, value), in_handler(v, port, size)."""
-        for p in ports:
-            if out_handler:
-                self.out_ports[p] = out_handler
-            if in_handler:
-                self.in_ports[p] = in_handler
+        self.ports.register(ports, out_handler, in_handler)
+
+    @property
+    def trace(self):
+        """The trace sink (devices emit their events through it)."""
+        return self.sink
 
     def now(self) -> int:
-        """ns since the machine was created (the trace clock)."""
-        return time.monotonic_ns() - self.t0
+        """ns on the session's trace clock."""
+        return self.clock.now()
 
     def describe(self) -> dict:
         """Facts for a trace header."""
@@ -286,19 +203,27 @@ class Machine:
             v.uart = self.hostio.console_sink(v.cpu, "uart")
 
     # -- running -----------------------------------------------------------------------------------
-    def run(self, hostio, trace=None) -> StopInfo:
+    def run(self, hostio, sink=None, clock: Clock | None = None) -> StopInfo:
         """Boot and run until the guest exits or is stopped; returns why it stopped."""
         try:
-            self.boot(hostio, trace)
+            self.boot(hostio, sink, clock)
         except GuestError as e:  # cannot happen with a validated image, but never a traceback
-            return StopInfo("error", STATUS_ERROR, f"boot failed: {e}")
+            return StopInfo.of(StopReason.ERROR, f"boot failed: {e}")
         return self._execute()
 
-    def boot(self, hostio, trace=None) -> None:
-        """Lay out memory and vCPU state without running (a debugger attaches here, then resume())."""
+    def boot(self, hostio, sink=None, clock: Clock | None = None) -> None:
+        """Lay out memory and vCPU state without running (a debugger attaches here, then resume()).
+
+        ``sink`` receives every exit and event (a TraceWriter, a replay Checker, or None); ``clock`` is the
+        trace clock they are stamped with (a recording starts it with the trace writer)."""
         self.hostio = hostio
-        self.trace = trace
+        self.sink = sink
+        if clock is not None:
+            self.clock = clock
         self._boot()
+        dispatcher = ExitDispatcher(self.ports, sink, self.clock, self.reporter)
+        self.runner = VcpuRunner(dispatcher, self._stopping, self.stop, self.pause_requested,
+                                 self.config.stagger_s)
         self.booted = True
 
     def resume(self) -> StopInfo:
@@ -306,7 +231,7 @@ class Machine:
         if not self.booted:
             raise TracevisorError("the VM has not been booted")
         if self.stop_info is not None:
-            if self.stop_info.reason != "paused":
+            if not self.stop_info.is_paused:
                 raise TracevisorError(f"the VM has stopped ({self.stop_info.reason}); it cannot continue")
             self.stop_info = None
             self._stopping.clear()
@@ -314,10 +239,20 @@ class Machine:
                 v.stop_request = None
         return self._execute()
 
+    def pause_requested(self) -> bool:
+        """Is the VM's current stop a pause (resume() continues it)?"""
+        info = self.stop_info
+        return info is not None and info.is_paused
+
     def request_pause(self, v: VcpuState, message: str = "paused") -> None:
         """Pause the VM after the exit being handled (call from v's own thread, e.g. a replay callback)."""
-        v.stop_request = ("paused", message)
+        v.stop_request = (StopReason.PAUSED, message)
         v.vcpu.run.immediate_exit = 1
+
+    def mark_paused(self, message: str) -> None:
+        """The VM's state was replaced while it was stopped (a checkpoint restore): it is now paused there
+        and resume() continues from the restored state."""
+        self.stop_info = StopInfo.paused(message)
 
     def _execute(self) -> StopInfo:
         main = threading.current_thread() is threading.main_thread()
@@ -348,6 +283,10 @@ class Machine:
         assert self.stop_info is not None
         return self.stop_info
 
+    def _vcpu_thread(self, v: VcpuState) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # the main thread takes them
+        self.runner.run_thread(v)
+
     def _on_sigterm(self, signum, frame):
         raise _Terminated()
 
@@ -361,8 +300,8 @@ class Machine:
                     return
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
-                    self.stop(StopInfo("timeout", STATUS_TIMEOUT,
-                                       f"--timeout of {self.config.timeout:g} s expired; VM stopped"))
+                    self.stop(StopInfo.of(StopReason.TIMEOUT,
+                                          f"--timeout of {self.config.timeout:g} s expired; VM stopped"))
                     return
                 for cond in self.stop_conditions:
                     info = cond()
@@ -373,10 +312,10 @@ class Machine:
                     next_probe = now + WATCHDOG_PERIOD_S
                     self._watchdog()
             except KeyboardInterrupt:
-                self.stop(StopInfo("interrupted", STATUS_INTERRUPTED, "interrupted (Ctrl-C); VM stopped"))
+                self.stop(StopInfo.of(StopReason.INTERRUPTED, "interrupted (Ctrl-C); VM stopped"))
                 return
             except _Terminated:
-                self.stop(StopInfo("terminated", STATUS_TERMINATED, "terminated (SIGTERM); VM stopped"))
+                self.stop(StopInfo.of(StopReason.TERMINATED, "terminated (SIGTERM); VM stopped"))
                 return
 
     def _watchdog(self) -> None:
@@ -384,8 +323,8 @@ class Machine:
         if live and all(v.parked for v in live):
             # The report needs the vCPU's registers, which only its own thread can read while it is
             # inside KVM_RUN: ask it to stop with the report.
-            live[0].stop_request = ("hang", "every vCPU is halted with interrupts disabled (hlt after "
-                                    "cli) or held after an INIT waiting for a SIPI: the guest can never "
+            live[0].stop_request = (StopReason.HANG, "every vCPU is halted with interrupts disabled (hlt "
+                                    "after cli) or held after an INIT waiting for a SIPI: the guest can never "
                                     "continue")
             self._kick(live[0])
             return
@@ -407,7 +346,7 @@ class Machine:
             if self.stop_info is None:
                 self.stop_info = info
             self._stopping.set()
-        if info.reason != "paused" and self.hostio is not None:
+        if not info.is_paused and self.hostio is not None:
             cancel = getattr(self.hostio, "cancel", None)
             if cancel is not None:
                 cancel()  # a vCPU waiting on the outside world (a READ of stdin) must not keep the VM alive
@@ -422,323 +361,10 @@ class Machine:
                 if v.thread.is_alive():
                     self._kick(v)
 
-    def _vcpu_thread(self, v: VcpuState) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        trace = self.trace
-        announce = False
-        if not v.started:
-            if v.cpu and self._stopping.wait(v.cpu * self.config.stagger_s):
-                return
-            v.started = True
-            announce = trace is not None
-        v.running = True
-        reason = "stopped"
-        try:
-            if announce:  # inside the try: under replay this is checked and may diverge
-                trace.event("vcpu", v.cpu, self.now(), state="start")
-            self._loop(v)
-        except GuestExit as e:
-            reason = "exit"
-            self.stop(StopInfo("exit", e.code & 0xFF, f"guest exited with code {e.code}", code=e.code,
-                               cpu=v.cpu))
-        except GuestError as e:
-            reason = "guest-error"
-            self.stop(self._fault(v, "guest-error", f"guest error on vCPU {v.cpu}: {e}"))
-        except VmStop as e:
-            reason = e.info.reason
-            self.stop(e.info)
-        except Divergence as e:
-            reason = "diverged"
-            info = self._fault(v, "diverged", f"replay diverged on vCPU {v.cpu}: {e}", extra=e.details)
-            info.status = STATUS_DIVERGED
-            self.stop(info)
-        except TracevisorError as e:
-            reason = "error"
-            self.stop(StopInfo("error", STATUS_ERROR, str(e), cpu=v.cpu))
-        except Exception as e:  # a bug in tracevisor: stop cleanly, keep the details
-            reason = "error"
-            self.stop(StopInfo("error", STATUS_ERROR,
-                               f"internal error on vCPU {v.cpu}: {type(e).__name__}: {e}", cpu=v.cpu,
-                               report={"traceback": traceback.format_exc()}))
-        finally:
-            v.running = False
-            paused = self.stop_info is not None and self.stop_info.reason == "paused"
-            if not paused and not v.finished:
-                v.finished = True
-                if trace is not None:
-                    try:
-                        trace.event("vcpu", v.cpu, self.now(), state="stop", reason=reason)
-                    except Exception:  # e.g. a replay that already diverged: the stop is already known
-                        pass
-
-    def _loop(self, v: VcpuState) -> None:
-        """The hot loop.  Everything per exit is a local lookup."""
-        fd = v.vcpu.fd
-        mm = v.vcpu.run_mmap
-        run = v.vcpu.run
-        # ctypes' plain foreign call is ~0.8 µs cheaper per exit than fcntl.ioctl (which first tries
-        # the buffer protocol on its argument); it releases the GIL like fcntl does.
-        kvm_run = _libc_ioctl
-        get_errno = ctypes.get_errno
-        KVM_RUN = U.KVM_RUN
-        if len(mm) < _EXIT.size:
-            raise TracevisorError(f"the kvm_run mapping ({len(mm)} bytes) has no I/O data page")
-        unpack = _EXIT.unpack_from
-        out_ports = self.out_ports
-        in_ports = self.in_ports
-        trace_exit = self.trace.exit if self.trace is not None else None
-        hooks = self.exit_hooks
-        monotonic_ns = time.monotonic_ns
-        t0 = self.t0
-        cpu = v.cpu
-        stopping = self._stopping
-        mask = _MASK
-        pack_in = _PACK_IN
-        while True:
-            if kvm_run(fd, KVM_RUN, 0) < 0:
-                err = get_errno()
-                if err == errno.EINTR or err == errno.EAGAIN:
-                    if stopping.is_set():
-                        return
-                    run.immediate_exit = 0
-                    if v.stop_request is not None:
-                        reason_, message = v.stop_request
-                        if reason_ == "paused":
-                            raise VmStop(StopInfo("paused", 0, message, cpu=cpu))
-                        raise VmStop(self._fault(v, reason_, message))
-                    self._probe(v)
-                    continue
-                raise VmStop(self._fault(v, "error", f"KVM_RUN failed on vCPU {cpu}: {os.strerror(err)}"))
-            reason, direction, size, port, count, data_offset, rip, data = unpack(mm, 8)
-            if reason == 2 and count == 1 and data_offset == IO_DATA_OFFSET:  # single port I/O
-                if direction:  # OUT
-                    value = data & mask[size]
-                    if trace_exit is not None:
-                        trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 1, size, value)
-                    if hooks:
-                        for h in hooks:
-                            h(v, 2, rip, port, 1, size, value)
-                    handler = out_ports.get(port)
-                    if handler is None:
-                        self._unknown_out(v, port, size, value, rip)
-                    else:
-                        handler(v, port, size, value)
-                else:  # IN
-                    handler = in_ports.get(port)
-                    value = handler(v, port, size) if handler else self._unknown_in(v, port, size, rip)
-                    value &= mask[size]
-                    pack_in[size].pack_into(mm, data_offset, value)
-                    if trace_exit is not None:
-                        trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 0, size, value)
-                    if hooks:
-                        for h in hooks:
-                            h(v, 2, rip, port, 0, size, value)
-            elif reason == 2:
-                self._string_io(v, direction, size, port, count, data_offset, rip)
-            elif reason == 4:  # KVM_EXIT_DEBUG: a debugger's breakpoint or step, not guest behaviour
-                self._debug_exit(v, rip)
-            else:
-                if trace_exit is not None:
-                    trace_exit(cpu, monotonic_ns() - t0, reason, rip, 0, 0, 0, 0)
-                if hooks:
-                    for h in hooks:
-                        h(v, reason, rip, 0, 0, 0, 0)
-                self._other_exit(v, reason, rip)
-
-    # -- exit handlers ---------------------------------------------------------------------------
-    def _hypercall(self, v: VcpuState, port: int, size: int, value: int) -> None:
-        trace = self.trace
-        t = self.now() if trace is not None else 0
-        v.ctx.reset()
-        try:
-            call = hypercalls.dispatch(port, value, v.ctx)
-        except GuestError as e:
-            if trace is not None:
-                trace.event("hypercall", v.cpu, t, call=hypercalls.PORT_NAMES[port], port=port, addr=value,
-                            error=str(e), t_end=self.now())
-            raise
-        if trace is not None:
-            fields = {"call": call.name, "port": port, "addr": value, "block": call.block,
-                      "args": hypercalls.describe_args(call), "ret": call.outcome.ret, "t_end": self.now()}
-            if call.out is not None:
-                fields["out"] = call.out
-            if call.outcome.payload is not None:
-                fields["payload"] = call.outcome.payload
-            trace.event("hypercall", v.cpu, t, **fields)
-        if call.outcome.exit_code is not None:
-            raise GuestExit(call.outcome.exit_code)
-
-    @staticmethod
-    def _uart(v: VcpuState, port: int, size: int, value: int) -> None:
-        v.uart(_BYTES[value] if size == 1 else value.to_bytes(size, "little"))
-
-    def _string_io(self, v, direction, size, port, count, data_offset, rip) -> None:
-        """``rep outs``/``rep ins`` (count > 1): each element is one access, served in order."""
-        mm = v.vcpu.run_mmap
-        if size not in (1, 2, 4) or count < 1 or data_offset + size * count > len(mm):
-            raise VmStop(self._fault(v, "guest-error", f"malformed I/O exit (port {port:#x}, size {size}, "
-                                     f"count {count})"))
-        fmt = _PACK_IN[size]
-        for i in range(count):
-            off = data_offset + i * size
-            if direction:
-                value = fmt.unpack_from(mm, off)[0]
-                if self.trace is not None:
-                    self.trace.exit(v.cpu, self.now(), 2, rip, port, 1, size, value)
-                handler = self.out_ports.get(port)
-                if handler is None:
-                    self._unknown_out(v, port, size, value, rip)
-                else:
-                    handler(v, port, size, value)
-            else:
-                handler = self.in_ports.get(port)
-                value = handler(v, port, size) if handler else self._unknown_in(v, port, size, rip)
-                fmt.pack_into(mm, off, value & _MASK[size])
-                if self.trace is not None:
-                    self.trace.exit(v.cpu, self.now(), 2, rip, port, 0, size, value & _MASK[size])
-
-    def _unknown_out(self, v, port, size, value, rip) -> None:
-        raise VmStop(self._fault(
-            v, "guest-error",
-            f"guest wrote to unknown I/O port {port:#x} (size {size}, value {value:#x}) at rip {rip:#x}"))
-
-    def _unknown_in(self, v, port, size, rip) -> int:
-        if self._first_note("port", port):
-            self.log(f"vCPU {v.cpu} read unknown I/O port {port:#x} (size {size}) at rip {rip:#x}; "
-                     "answered all-ones")
-        return 0xFFFF_FFFF
-
-    def _first_note(self, kind: str, key: int) -> bool:
-        """True the first time (kind, key) is seen, for at most MAX_NOTES keys: a guest touching many ports
-        or addresses gets a bounded number of lines (and of remembered keys), then one line saying so."""
-        if (kind, key) in self._noted or len(self._noted) > MAX_NOTES:
-            return False
-        self._noted.add((kind, key))
-        if len(self._noted) > MAX_NOTES:
-            self.log(f"more than {MAX_NOTES} unknown I/O ports or MMIO addresses touched; "
-                     "not reporting further ones")
-            return False
-        return True
-
-    def _debug_exit(self, v: VcpuState, rip: int) -> None:
-        """A single-step or hardware-breakpoint exit: pause the VM; the debugger decides what is next."""
-        d = v.vcpu.run.exit.debug
-        raise VmStop(StopInfo("paused", 0, f"debug stop at {d.pc:#x}", cpu=v.cpu,
-                              report={"debug": {"pc": d.pc, "rip": rip, "dr6": d.dr6, "dr7": d.dr7,
-                                                "exception": d.exception}}))
-
-    def _other_exit(self, v: VcpuState, reason: int, rip: int) -> None:
-        run = v.vcpu.run
-        if reason == U.KVM_EXIT_HLT:
-            if not run.if_flag:
-                raise VmStop(self._fault(v, "hang", f"vCPU {v.cpu} halted with interrupts disabled "
-                                         "(hlt after cli): it can never continue"))
-            return  # uhyve re-enters the guest
-        if reason == U.KVM_EXIT_MMIO:
-            mmio = run.exit.mmio
-            addr, length, write = mmio.phys_addr, mmio.len, bool(mmio.is_write)
-            length = min(length, 8)
-            if not write:
-                for i in range(length):
-                    mmio.data[i] = 0xFF
-            data = bytes(mmio.data[:length])
-            if self.trace is not None:
-                self.trace.event("mmio", v.cpu, self.now(), addr=addr, len=length, data=data, write=write)
-            if self._first_note("mmio", addr):
-                self.log(f"vCPU {v.cpu} {'wrote' if write else 'read'} {length} bytes at {addr:#x}, "
-                         f"outside guest RAM (rip {rip:#x}); " + ("ignored" if write else "answered all-ones"))
-            return
-        if reason == U.KVM_EXIT_SHUTDOWN:
-            raise VmStop(self._fault(v, "fault", f"guest triple fault on vCPU {v.cpu} (KVM_EXIT_SHUTDOWN)",
-                                     hints=["a triple fault resets a real CPU; under uhyve 0.2.1 it "
-                                            "looked like a clean exit (status 0)"]))
-        if reason == U.KVM_EXIT_FAIL_ENTRY:
-            fe = run.exit.fail_entry
-            raise VmStop(self._fault(
-                v, "fault", f"KVM could not enter the guest on vCPU {v.cpu} (KVM_EXIT_FAIL_ENTRY, "
-                f"hardware reason {fe.hardware_entry_failure_reason:#x})",
-                extra={"hardware_entry_failure_reason": fe.hardware_entry_failure_reason}))
-        if reason == U.KVM_EXIT_INTERNAL_ERROR:
-            ie = run.exit.internal
-            sub = ie.suberror
-            what = U.INTERNAL_ERROR_SUBERRORS.get(sub, "unknown")
-            hints = []
-            if sub == 1 and not self._rip_outside_ram(v):
-                hints.append("this host's KVM could not emulate the instruction at rip; nested or "
-                             "paravirtualised KVM hands x87/SSE instructions to its emulator, which lacks "
-                             "most of them: build guests with -mgeneral-regs-only, or run on a host with "
-                             "direct KVM")
-            elif sub == 1:
-                hints.append("rip points outside guest RAM: the guest jumped to an address with no memory "
-                             "(a bad function pointer or return address?)")
-            raise VmStop(self._fault(
-                v, "fault", f"KVM internal error on vCPU {v.cpu}: suberror {sub} ({what})",
-                extra={"suberror": sub, "data": [ie.data[i] for i in range(min(ie.ndata, 16))]},
-                hints=hints))
-        if reason == U.KVM_EXIT_SYSTEM_EVENT:
-            ev = run.exit.system_event
-            raise VmStop(self._fault(v, "fault", f"guest requested a system event (type {ev.type}: "
-                                     "shutdown/reset/crash) on vCPU " + str(v.cpu)))
-        if reason in (U.KVM_EXIT_INTR, U.KVM_EXIT_IRQ_WINDOW_OPEN):
-            return
-        name = U.EXIT_REASON_NAMES.get(reason, str(reason))
-        raise VmStop(self._fault(v, "fault", f"unexpected KVM exit {name} ({reason}) on vCPU {v.cpu}"))
-
     # -- reports -----------------------------------------------------------------------------------
-    def _probe(self, v: VcpuState) -> None:
-        """After a watchdog kick: is this vCPU parked for good — halted with interrupts off, or held in
-        wait-for-SIPI after an INIT (only another vCPU's SIPI could wake it)?"""
-        try:
-            state = v.vcpu.get_mp_state()
-            if state == U.KVM_MP_STATE_HALTED:
-                v.parked = not (v.vcpu.get_regs().rflags & 0x200)
-            else:
-                v.parked = state == U.KVM_MP_STATE_INIT_RECEIVED
-        except TracevisorError:
-            v.parked = False
-
     def registers(self, v: VcpuState) -> dict:
         """Registers of a stopped vCPU as a dict (reports, replay callbacks)."""
-        regs = v.vcpu.get_regs().as_dict()
-        s = v.vcpu.get_sregs()
-        sregs = {"cr0": s.cr0, "cr2": s.cr2, "cr3": s.cr3, "cr4": s.cr4, "efer": s.efer,
-                 "cs": s.cs.selector, "ss": s.ss.selector}
-        return {"regs": regs, "sregs": sregs}
-
-    def code_bytes(self, rip: int, cr3: int, n: int = 16) -> str:
-        try:
-            gpa, room = self.memory.translate(rip, cr3)
-        except GuestError as e:
-            return f"(not readable: {e})"
-        if gpa >= self.memory.size:
-            return f"(none: rip maps to guest-physical {gpa:#x}, outside guest RAM [0, {self.memory.size:#x}))"
-        n = min(n, room, self.memory.size - gpa)
-        return " ".join(f"{b:02x}" for b in self.memory.read(gpa, n))
-
-    def _rip_outside_ram(self, v: VcpuState) -> bool:
-        """Does v's rip translate to a guest-physical address beyond RAM (so no instruction could be fetched)?"""
-        try:
-            regs = v.vcpu.get_regs()
-            cr3 = v.vcpu.get_sregs().cr3
-            gpa, _ = self.memory.translate(regs.rip, cr3)
-        except (GuestError, TracevisorError):
-            return False
-        return gpa >= self.memory.size
-
-    def _fault(self, v: VcpuState, reason: str, message: str, *, hints=None, extra=None) -> StopInfo:
-        """A stop report with registers and code bytes; call only from v's own thread."""
-        report: dict = {}
-        try:
-            report.update(self.registers(v))
-            report["code_bytes"] = self.code_bytes(report["regs"]["rip"], report["sregs"]["cr3"])
-        except Exception as e:  # registers may be unavailable if KVM itself failed
-            report["registers_error"] = str(e)
-        if hints:
-            report["hints"] = hints
-        if extra:
-            report.update(extra)
-        status = STATUS_ERROR if reason == "error" else STATUS_GUEST_FAULT
-        return StopInfo(reason, status, message, cpu=v.cpu, report=report)
+        return self.reporter.registers(v)
 
     def close(self) -> None:
         try:

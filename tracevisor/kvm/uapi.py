@@ -339,6 +339,11 @@ EXIT_REASON_NAMES: dict[int, str] = {
     37: "NOTIFY", 38: "LOONGARCH_IOCSR", 39: "MEMORY_FAULT",
 }
 
+
+def exit_reason_name(reason: int) -> str:
+    """The name of a KVM_EXIT_* number (``REASON_<n>`` when linux/kvm.h has none)."""
+    return EXIT_REASON_NAMES.get(reason, f"REASON_{reason}")
+
 INTERNAL_ERROR_SUBERRORS: dict[int, str] = {
     1: "emulation failure (KVM's instruction emulator could not execute the instruction)",
     2: "simultaneous exceptions",

@@ -1,0 +1,477 @@
+"""The vCPU run loop: KVM_RUN → decode the exit once → dispatch → trace.
+
+Two pieces, split so that exit handling can be tested without KVM:
+
+* :class:`ExitDispatcher` — a pure function of a decoded :class:`Exit` (plus the port table, the trace
+  sink, the clock and the HostIO behind the port handlers).  Its handler table maps each KVM exit
+  reason to one method; unit tests feed it synthetic exits (``tests/test_runloop.py``).
+* :class:`VcpuRunner` — the loop around ``KVM_RUN`` on one vCPU's thread.  The per-exit path stays lean
+  (docs/architecture.md): one ``struct.unpack_from`` over the shared ``kvm_run`` page yields the exit
+  reason, the port-I/O fields, RIP (KVM_CAP_SYNC_REGS, no ioctl) and the I/O data word; a single port
+  access is served inline with local lookups (the same steps :meth:`ExitDispatcher.io` takes for
+  ``count == 1``); every other exit is decoded into an :class:`Exit` and dispatched.
+
+A trace sink is anything with ``exit(cpu, t_ns, reason, rip, port, direction, size, value)`` and
+``event(kind, cpu, t_ns, **fields)`` — the TraceWriter when recording, the divergence checker when
+replaying, None for a plain run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from . import hypercalls
+from .clock import Clock
+from .errors import Divergence, GuestError, TracevisorError
+from .kvm import uapi as U
+from .reports import Reporter
+from .status import ExitStatus, StopInfo, StopReason
+
+_MASK = (0, 0xFF, 0xFFFF, 0, 0xFFFF_FFFF)
+_BYTES = [bytes([i]) for i in range(256)]
+_PACK_IN = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
+
+# One unpack over kvm_run: exit_reason @8, io {direction, size, port, count, data_offset} @32,
+# s.regs.rip @432 (KVM_CAP_SYNC_REGS), and the first I/O data word at the usual data_offset 4096.
+IO_DATA_OFFSET = 4096
+_EXIT = struct.Struct("<I20xBBHIQ384xQ%dxI" % (IO_DATA_OFFSET - 440))
+_libc_ioctl = ctypes.CDLL(None, use_errno=True).ioctl  # KVM_RUN only: its number fits a C int
+
+PortOut = Callable[["VcpuState", int, int, int], None]  # (v, port, size, value)
+PortIn = Callable[["VcpuState", int, int], int]  # (v, port, size) -> value
+
+
+class GuestExit(Exception):
+    """The guest called EXIT (raised by the hypercall port handler, ends the vCPU's loop)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class VmStop(Exception):
+    """An exit handler stops the VM with this report."""
+
+    def __init__(self, info: StopInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+
+class VcpuState:
+    """Per-vCPU run-loop state (owned by that vCPU's thread)."""
+
+    def __init__(self, cpu: int, vcpu, ctx: hypercalls.Context) -> None:
+        self.cpu = cpu
+        self.vcpu = vcpu
+        self.ctx = ctx
+        self.thread: threading.Thread | None = None
+        self.exits = 0
+        self.parked = False  # halted with interrupts disabled (seen by the watchdog)
+        self.stop_request: tuple[StopReason, str] | None = None  # (reason, message) asked by the main thread
+        self.uart = None  # console sink for UART bytes (HostIO.console_sink), set at boot
+        self.started = False  # has entered the guest at least once
+        self.finished = False  # stopped for good (not paused)
+        self.running = False
+
+
+class Ports:
+    """The I/O port table: port → handler, one dict per direction (the run loop looks ports up here)."""
+
+    def __init__(self) -> None:
+        self.out: dict[int, PortOut] = {}
+        self.inp: dict[int, PortIn] = {}
+
+    def register(self, ports: Iterable[int], out_handler: PortOut | None = None,
+                 in_handler: PortIn | None = None) -> None:
+        """out_handler(v, port, size, value), in_handler(v, port, size) -> value."""
+        for p in ports:
+            if out_handler:
+                self.out[p] = out_handler
+            if in_handler:
+                self.inp[p] = in_handler
+
+
+@dataclass(slots=True)
+class Exit:
+    """One decoded VM exit.  Only the fields of its ``reason`` are meaningful.
+
+    ``buf`` is where the exit's data lives and where answers go: the ``kvm_run`` mapping under KVM, any
+    writable buffer in tests.  Port I/O data is at ``buf[data_offset:]``; MMIO data is ``mmio_data``
+    (8 writable bytes)."""
+
+    reason: int
+    rip: int = 0
+    # KVM_EXIT_IO
+    direction: int = 0
+    size: int = 0
+    port: int = 0
+    count: int = 0
+    data_offset: int = 0
+    buf: object = None
+    # KVM_EXIT_MMIO
+    addr: int = 0
+    length: int = 0
+    is_write: bool = False
+    mmio_data: object = None
+    # KVM_EXIT_HLT: the guest's interrupt flag
+    if_flag: int = 1
+    # KVM_EXIT_INTERNAL_ERROR
+    suberror: int = 0
+    internal_data: tuple[int, ...] = ()
+    # KVM_EXIT_FAIL_ENTRY
+    hardware_reason: int = 0
+    # KVM_EXIT_SYSTEM_EVENT
+    event_type: int = 0
+    # KVM_EXIT_DEBUG
+    debug: dict | None = None
+
+
+def decode(run, mm, reason: int, rip: int) -> Exit:
+    """The exit in ``run`` (a ctypes kvm_run over the mapping ``mm``) as an :class:`Exit`."""
+    if reason == U.KVM_EXIT_IO:
+        io = run.exit.io
+        return Exit(reason, rip, io.direction, io.size, io.port, io.count, io.data_offset, mm)
+    if reason == U.KVM_EXIT_MMIO:
+        m = run.exit.mmio
+        return Exit(reason, rip, addr=m.phys_addr, length=m.len, is_write=bool(m.is_write), mmio_data=m.data)
+    if reason == U.KVM_EXIT_HLT:
+        return Exit(reason, rip, if_flag=run.if_flag)
+    if reason == U.KVM_EXIT_INTERNAL_ERROR:
+        ie = run.exit.internal
+        return Exit(reason, rip, suberror=ie.suberror,
+                    internal_data=tuple(ie.data[i] for i in range(min(ie.ndata, 16))))
+    if reason == U.KVM_EXIT_FAIL_ENTRY:
+        return Exit(reason, rip, hardware_reason=run.exit.fail_entry.hardware_entry_failure_reason)
+    if reason == U.KVM_EXIT_SYSTEM_EVENT:
+        return Exit(reason, rip, event_type=run.exit.system_event.type)
+    if reason == U.KVM_EXIT_DEBUG:
+        d = run.exit.debug
+        return Exit(reason, rip, debug={"pc": d.pc, "rip": rip, "dr6": d.dr6, "dr7": d.dr7,
+                                        "exception": d.exception})
+    return Exit(reason, rip)
+
+
+class ExitDispatcher:
+    """Serves decoded exits: port I/O through the port table (hypercalls, UART, PCI, devices), MMIO
+    outside RAM, HLT, and the exits that stop the VM with a report.
+
+    Handlers raise :class:`VmStop` (stop with this report), :class:`GuestExit` (the guest's EXIT) or
+    :class:`~tracevisor.errors.GuestError` (the guest asked for something impossible).  To handle a new
+    exit reason, add a method and a row in :attr:`handlers`."""
+
+    def __init__(self, ports: Ports, sink, clock: Clock, reporter: Reporter) -> None:
+        self.ports = ports
+        self.sink = sink
+        self.clock = clock
+        self.reporter = reporter
+        self.log = reporter.log
+        ports.register(hypercalls.TABLE, out_handler=self.hypercall)
+        ports.register((hypercalls.UART_PORT,), out_handler=self.uart)
+        #: exit reason → handler(v, exit); the exit row is traced before the handler runs (port I/O
+        #: traces each access itself; debug exits belong to the debugger and are not traced)
+        self.handlers: dict[int, Callable[[VcpuState, Exit], None]] = {
+            U.KVM_EXIT_HLT: self.hlt,
+            U.KVM_EXIT_MMIO: self.mmio,
+            U.KVM_EXIT_SHUTDOWN: self.shutdown,
+            U.KVM_EXIT_FAIL_ENTRY: self.fail_entry,
+            U.KVM_EXIT_INTERNAL_ERROR: self.internal_error,
+            U.KVM_EXIT_SYSTEM_EVENT: self.system_event,
+            U.KVM_EXIT_INTR: self.ignore,
+            U.KVM_EXIT_IRQ_WINDOW_OPEN: self.ignore,
+        }
+
+    def dispatch(self, v: VcpuState, e: Exit) -> None:
+        """Serve one exit (the run loop calls this for everything but a single port access)."""
+        if e.reason == U.KVM_EXIT_IO:
+            self.io(v, e)
+            return
+        if e.reason == U.KVM_EXIT_DEBUG:
+            self.debug(v, e)
+            return
+        if self.sink is not None:
+            self.sink.exit(v.cpu, self.clock.now(), e.reason, e.rip, 0, 0, 0, 0)
+        handler = self.handlers.get(e.reason)
+        if handler is None:
+            self.unexpected(v, e)
+        else:
+            handler(v, e)
+
+    # -- port I/O ------------------------------------------------------------------------------------
+    def io(self, v: VcpuState, e: Exit) -> None:
+        """Port I/O, including ``rep outs``/``rep ins`` (count > 1): each element is one access, served
+        and traced in order.  An IN answer is written into the exit's data area."""
+        mm, size, count, port, rip = e.buf, e.size, e.count, e.port, e.rip
+        if size not in (1, 2, 4) or count < 1 or e.data_offset + size * count > len(mm):
+            raise VmStop(self.reporter.fault(v, StopReason.GUEST_ERROR, f"malformed I/O exit (port {port:#x}, "
+                                             f"size {size}, count {count})"))
+        fmt = _PACK_IN[size]
+        sink = self.sink
+        for i in range(count):
+            off = e.data_offset + i * size
+            if e.direction:
+                value = fmt.unpack_from(mm, off)[0]
+                if sink is not None:
+                    sink.exit(v.cpu, self.clock.now(), U.KVM_EXIT_IO, rip, port, 1, size, value)
+                handler = self.ports.out.get(port)
+                if handler is None:
+                    self.unknown_out(v, port, size, value, rip)
+                else:
+                    handler(v, port, size, value)
+            else:
+                handler = self.ports.inp.get(port)
+                value = handler(v, port, size) if handler else self.unknown_in(v, port, size, rip)
+                value &= _MASK[size]
+                fmt.pack_into(mm, off, value)
+                if sink is not None:
+                    sink.exit(v.cpu, self.clock.now(), U.KVM_EXIT_IO, rip, port, 0, size, value)
+
+    def unknown_out(self, v: VcpuState, port: int, size: int, value: int, rip: int) -> None:
+        raise VmStop(self.reporter.fault(
+            v, StopReason.GUEST_ERROR,
+            f"guest wrote to unknown I/O port {port:#x} (size {size}, value {value:#x}) at rip {rip:#x}"))
+
+    def unknown_in(self, v: VcpuState, port: int, size: int, rip: int) -> int:
+        if self.reporter.first_note("port", port):
+            self.log(f"vCPU {v.cpu} read unknown I/O port {port:#x} (size {size}) at rip {rip:#x}; "
+                     "answered all-ones")
+        return 0xFFFF_FFFF
+
+    def hypercall(self, v: VcpuState, port: int, size: int, value: int) -> None:
+        """A hypercall port: serve the call (hypercalls.dispatch) and trace it as one event."""
+        sink = self.sink
+        now = self.clock.now
+        t = now() if sink is not None else 0
+        v.ctx.reset()
+        try:
+            call = hypercalls.dispatch(port, value, v.ctx)
+        except GuestError as e:
+            if sink is not None:
+                sink.event("hypercall", v.cpu, t, call=hypercalls.PORT_NAMES[port], port=port, addr=value,
+                           error=str(e), t_end=now())
+            raise
+        if sink is not None:
+            fields = {"call": call.name, "port": port, "addr": value, "block": call.block,
+                      "args": hypercalls.describe_args(call), "ret": call.outcome.ret, "t_end": now()}
+            if call.out is not None:
+                fields["out"] = call.out
+            if call.outcome.payload is not None:
+                fields["payload"] = call.outcome.payload
+            sink.event("hypercall", v.cpu, t, **fields)
+        if call.outcome.exit_code is not None:
+            raise GuestExit(call.outcome.exit_code)
+
+    @staticmethod
+    def uart(v: VcpuState, port: int, size: int, value: int) -> None:
+        v.uart(_BYTES[value] if size == 1 else value.to_bytes(size, "little"))
+
+    # -- other exits -----------------------------------------------------------------------------------
+    def debug(self, v: VcpuState, e: Exit) -> None:
+        """A single-step or hardware-breakpoint exit: pause the VM; the debugger decides what is next."""
+        d = e.debug or {}
+        raise VmStop(StopInfo.paused(f"debug stop at {d.get('pc', e.rip):#x}", cpu=v.cpu, report={"debug": d}))
+
+    def hlt(self, v: VcpuState, e: Exit) -> None:
+        if not e.if_flag:
+            raise VmStop(self.reporter.fault(v, StopReason.HANG, f"vCPU {v.cpu} halted with interrupts disabled "
+                                             "(hlt after cli): it can never continue"))
+        # uhyve re-enters the guest
+
+    def mmio(self, v: VcpuState, e: Exit) -> None:
+        """An access outside guest RAM: reads see all-ones, writes are dropped (both noted once)."""
+        addr, write = e.addr, e.is_write
+        length = min(e.length, 8)
+        buf = e.mmio_data
+        if not write:
+            for i in range(length):
+                buf[i] = 0xFF
+        data = bytes(buf[:length])
+        if self.sink is not None:
+            self.sink.event("mmio", v.cpu, self.clock.now(), addr=addr, len=length, data=data, write=write)
+        if self.reporter.first_note("mmio", addr):
+            self.log(f"vCPU {v.cpu} {'wrote' if write else 'read'} {length} bytes at {addr:#x}, "
+                     f"outside guest RAM (rip {e.rip:#x}); " + ("ignored" if write else "answered all-ones"))
+
+    def shutdown(self, v: VcpuState, e: Exit) -> None:
+        raise VmStop(self.reporter.fault(v, StopReason.FAULT,
+                                         f"guest triple fault on vCPU {v.cpu} (KVM_EXIT_SHUTDOWN)",
+                                         hints=["a triple fault resets a real CPU; under uhyve 0.2.1 it "
+                                                "looked like a clean exit (status 0)"]))
+
+    def fail_entry(self, v: VcpuState, e: Exit) -> None:
+        raise VmStop(self.reporter.fault(
+            v, StopReason.FAULT, f"KVM could not enter the guest on vCPU {v.cpu} (KVM_EXIT_FAIL_ENTRY, "
+            f"hardware reason {e.hardware_reason:#x})", extra={"hardware_entry_failure_reason": e.hardware_reason}))
+
+    def internal_error(self, v: VcpuState, e: Exit) -> None:
+        sub = e.suberror
+        what = U.INTERNAL_ERROR_SUBERRORS.get(sub, "unknown")
+        hints = []
+        if sub == 1 and not self.reporter.rip_outside_ram(v):
+            hints.append("this host's KVM could not emulate the instruction at rip; nested or "
+                         "paravirtualised KVM hands x87/SSE instructions to its emulator, which lacks "
+                         "most of them: build guests with -mgeneral-regs-only, or run on a host with "
+                         "direct KVM")
+        elif sub == 1:
+            hints.append("rip points outside guest RAM: the guest jumped to an address with no memory "
+                         "(a bad function pointer or return address?)")
+        raise VmStop(self.reporter.fault(
+            v, StopReason.FAULT, f"KVM internal error on vCPU {v.cpu}: suberror {sub} ({what})",
+            extra={"suberror": sub, "data": list(e.internal_data)}, hints=hints))
+
+    def system_event(self, v: VcpuState, e: Exit) -> None:
+        raise VmStop(self.reporter.fault(v, StopReason.FAULT, f"guest requested a system event (type "
+                                         f"{e.event_type}: shutdown/reset/crash) on vCPU {v.cpu}"))
+
+    @staticmethod
+    def ignore(v: VcpuState, e: Exit) -> None:
+        """Nothing to do: KVM returned for its own reasons (a signal, an interrupt window)."""
+
+    def unexpected(self, v: VcpuState, e: Exit) -> None:
+        name = U.exit_reason_name(e.reason)
+        raise VmStop(self.reporter.fault(v, StopReason.FAULT,
+                                         f"unexpected KVM exit {name} ({e.reason}) on vCPU {v.cpu}"))
+
+
+class VcpuRunner:
+    """Runs vCPUs: one call of :meth:`run_thread` per vCPU thread, until the VM stops or pauses.
+
+    ``stopping`` is set by the VM when every vCPU must leave ``KVM_RUN``; ``stop(info)`` reports why this
+    vCPU stopped (the first report wins); ``paused()`` tells whether the VM's stop is a pause."""
+
+    def __init__(self, dispatcher: ExitDispatcher, stopping: threading.Event,
+                 stop: Callable[[StopInfo], None], paused: Callable[[], bool], stagger_s: float) -> None:
+        self.dispatcher = dispatcher
+        self.stopping = stopping
+        self.stop = stop
+        self.paused = paused
+        self.stagger_s = stagger_s
+
+    def run_thread(self, v: VcpuState) -> None:
+        """The body of a vCPU thread: start (APs staggered as uhyve does), loop, report how it ended."""
+        sink = self.dispatcher.sink
+        clock = self.dispatcher.clock
+        reporter = self.dispatcher.reporter
+        announce = False
+        if not v.started:
+            if v.cpu and self.stopping.wait(v.cpu * self.stagger_s):
+                return
+            v.started = True
+            announce = sink is not None
+        v.running = True
+        reason = StopReason.STOPPED
+        try:
+            if announce:  # inside the try: under replay this is checked and may diverge
+                sink.event("vcpu", v.cpu, clock.now(), state="start")
+            self.loop(v)
+        except GuestExit as e:
+            reason = StopReason.EXIT
+            self.stop(StopInfo.guest_exit(e.code, cpu=v.cpu))
+        except GuestError as e:
+            reason = StopReason.GUEST_ERROR
+            self.stop(reporter.fault(v, StopReason.GUEST_ERROR, f"guest error on vCPU {v.cpu}: {e}"))
+        except VmStop as e:
+            reason = e.info.reason
+            self.stop(e.info)
+        except Divergence as e:
+            reason = StopReason.DIVERGED
+            info = reporter.fault(v, StopReason.DIVERGED, f"replay diverged on vCPU {v.cpu}: {e}", extra=e.details)
+            info.status = int(ExitStatus.DIVERGED)
+            self.stop(info)
+        except TracevisorError as e:
+            reason = StopReason.ERROR
+            self.stop(StopInfo.of(StopReason.ERROR, str(e), cpu=v.cpu))
+        except Exception as e:  # a bug in tracevisor: stop cleanly, keep the details
+            reason = StopReason.ERROR
+            self.stop(StopInfo.of(StopReason.ERROR, f"internal error on vCPU {v.cpu}: {type(e).__name__}: {e}",
+                                  cpu=v.cpu, report={"traceback": traceback.format_exc()}))
+        finally:
+            v.running = False
+            if not self.paused() and not v.finished:
+                v.finished = True
+                if sink is not None:
+                    try:
+                        sink.event("vcpu", v.cpu, clock.now(), state="stop", reason=str(reason))
+                    except Exception:  # e.g. a replay that already diverged: the stop is already known
+                        pass
+
+    def loop(self, v: VcpuState) -> None:
+        """The hot loop.  Everything per exit is a local lookup."""
+        fd = v.vcpu.fd
+        mm = v.vcpu.run_mmap
+        run = v.vcpu.run
+        # ctypes' plain foreign call is ~0.8 µs cheaper per exit than fcntl.ioctl (which first tries
+        # the buffer protocol on its argument); it releases the GIL like fcntl does.
+        kvm_run = _libc_ioctl
+        get_errno = ctypes.get_errno
+        KVM_RUN = U.KVM_RUN
+        if len(mm) < _EXIT.size:
+            raise TracevisorError(f"the kvm_run mapping ({len(mm)} bytes) has no I/O data page")
+        unpack = _EXIT.unpack_from
+        d = self.dispatcher
+        out_ports = d.ports.out
+        in_ports = d.ports.inp
+        trace_exit = d.sink.exit if d.sink is not None else None
+        dispatch = d.dispatch
+        monotonic_ns = time.monotonic_ns
+        t0 = d.clock.t0
+        cpu = v.cpu
+        stopping = self.stopping
+        mask = _MASK
+        pack_in = _PACK_IN
+        while True:
+            if kvm_run(fd, KVM_RUN, 0) < 0:
+                err = get_errno()
+                if err == errno.EINTR or err == errno.EAGAIN:
+                    if stopping.is_set():
+                        return
+                    run.immediate_exit = 0
+                    if v.stop_request is not None:
+                        reason_, message = v.stop_request
+                        if reason_ == StopReason.PAUSED:
+                            raise VmStop(StopInfo.paused(message, cpu=cpu))
+                        raise VmStop(d.reporter.fault(v, reason_, message))
+                    self.probe(v)
+                    continue
+                raise VmStop(d.reporter.fault(v, StopReason.ERROR,
+                                              f"KVM_RUN failed on vCPU {cpu}: {os.strerror(err)}"))
+            reason, direction, size, port, count, data_offset, rip, data = unpack(mm, 8)
+            if reason == 2 and count == 1 and data_offset == IO_DATA_OFFSET:  # single port I/O, inline
+                if direction:  # OUT
+                    value = data & mask[size]
+                    if trace_exit is not None:
+                        trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 1, size, value)
+                    handler = out_ports.get(port)
+                    if handler is None:
+                        d.unknown_out(v, port, size, value, rip)
+                    else:
+                        handler(v, port, size, value)
+                else:  # IN
+                    handler = in_ports.get(port)
+                    value = handler(v, port, size) if handler else d.unknown_in(v, port, size, rip)
+                    value &= mask[size]
+                    pack_in[size].pack_into(mm, data_offset, value)
+                    if trace_exit is not None:
+                        trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 0, size, value)
+            else:
+                dispatch(v, decode(run, mm, reason, rip))
+
+    @staticmethod
+    def probe(v: VcpuState) -> None:
+        """After a watchdog kick: is this vCPU parked for good — halted with interrupts off, or held in
+        wait-for-SIPI after an INIT (only another vCPU's SIPI could wake it)?"""
+        try:
+            state = v.vcpu.get_mp_state()
+            if state == U.KVM_MP_STATE_HALTED:
+                v.parked = not (v.vcpu.get_regs().rflags & 0x200)
+            else:
+                v.parked = state == U.KVM_MP_STATE_INIT_RECEIVED
+        except TracevisorError:
+            v.parked = False
