@@ -16,24 +16,20 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=10)
     a = ap.parse_args()
-    from tracevisor import guestbuild
-    from tracevisor.hostio import Console, LiveHostIO
-    from tracevisor.loader import load_kernel
-    from tracevisor.machine import Machine, VmConfig
-    from tracevisor.sandbox import Sandbox
+    from tracevisor import guestbuild, session
 
     kernel = str(guestbuild.example("hello"))
     inproc, phases = [], []
     for _ in range(a.repeat):
         t0 = time.perf_counter()
-        cfg = VmConfig(kernel=kernel)
-        image = load_kernel(kernel, cfg.memory)
+        cfg = session.SessionConfig(kernel=kernel, quiet=True)
+        image = session.load(cfg)
         t1 = time.perf_counter()
-        m = Machine(cfg, image)
+        s = session.build_run(cfg, image)
         t2 = time.perf_counter()
-        info = m.run(LiveHostIO(Sandbox([]), [kernel.encode()], [], Console(quiet=True), m.tsc_khz))
+        info = s.run()
         t3 = time.perf_counter()
-        m.close()
+        s.close()
         assert info.code == 0
         inproc.append(t3 - t0)
         phases.append((t1 - t0, t2 - t1, t3 - t2))

@@ -22,32 +22,20 @@ from __future__ import annotations
 from tracevisor.debugtarget import LiveTarget
 from tracevisor.errors import TracevisorError
 from tracevisor.gdbstub import SIGTRAP, Stop
-from tracevisor.machine import StopInfo
-
-
-class _ReplayMachine:
-    """The replay's machine as the live target sees it: resume() replays and takes checkpoints."""
-
-    def __init__(self, replayer) -> None:
-        self._r = replayer
-
-    def __getattr__(self, name):
-        return getattr(self._r.machine, name)
-
-    def resume(self) -> StopInfo:
-        return self._r._resume_machine()
 
 
 class ReplayTarget(LiveTarget):
+    """The live target over a replay: forward motion is the Replayer's resume (which replays and takes
+    checkpoints); backward motion restores checkpoints."""
+
     supports_reverse = True
 
     def __init__(self, replayer, **kw) -> None:
         if not replayer.checkpoint_every:
             raise TracevisorError("reverse debugging needs checkpoints: Replayer(path, checkpoint_every=N)")
-        replayer._prepare()
-        replayer._boot()
+        replayer.boot()
         self.r = replayer
-        super().__init__(_ReplayMachine(replayer), **kw)
+        super().__init__(replayer.machine, run_vm=replayer.resume, **kw)
         self._hit_seq = -2
         self._hits = 0
         self._at_hit = False
@@ -57,12 +45,12 @@ class ReplayTarget(LiveTarget):
         pos = self.r.checker.position
         return (pos, self._hits if self._hit_seq == pos else 0)
 
-    def _resume(self, singlestep: bool, skip_at: int | None) -> Stop:
-        stop = super()._resume(singlestep, skip_at)
+    def resume(self, singlestep: bool, skip_at: int | None) -> Stop:
+        stop = super().resume(singlestep, skip_at)
         # An arrival at a breakpoint address counts whether a continue stopped there or a step landed
         # there: either way a continue from before would have stopped at this point.
         arrived = stop.reason in ("breakpoint", "watchpoint") or (
-            stop.reason == "step" and self._exec_slot_at(self.vcpu.get_regs().rip) is not None)
+            stop.reason == "step" and self.exec_slot_at(self.vcpu.get_regs().rip) is not None)
         if arrived:
             pos = self.r.checker.position
             if pos != self._hit_seq:
@@ -75,11 +63,7 @@ class ReplayTarget(LiveTarget):
 
     # -- moving backwards ------------------------------------------------------------------------
     def _restore(self, index: int) -> None:
-        r = self.r
-        cp = r.store.restore(index)
-        r.checker.load(r.path, cp.extra["checker"])
-        r.hostio.load(r.path, cp.extra["hostio"])
-        r.machine.stop_info = StopInfo("paused", 0, f"restored checkpoint at #{cp.position}")
+        self.r.restore_checkpoint(index)
         self.final = None
         self._hit_seq, self._hits, self._at_hit = -2, 0, False
 
@@ -153,7 +137,7 @@ class ReplayTarget(LiveTarget):
             return Stop("step", SIGTRAP)
         # The current point is the first instruction after event `pos`: go to the instruction that
         # caused that exit, from the exit before it.
-        prev = self.r._exit_before(pos)
+        prev = self.r.exit_before(pos)
         if prev is None:
             self._restore(0)
         else:

@@ -15,10 +15,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tracevisor.errors import Divergence, LoaderError, TracevisorError
+from tracevisor import session
+from tracevisor.errors import Divergence, TracevisorError
 from tracevisor.hostio import Console
-from tracevisor.loader import load_kernel
-from tracevisor.machine import STATUS_DIVERGED, Machine, StopInfo, VmConfig
+from tracevisor.machine import Machine
+from tracevisor.status import ExitStatus, StopInfo, StopReason
 from tracevisor.trace import open_trace
 
 from .backend import ReplayingHostIO
@@ -145,39 +146,19 @@ class Replayer:
                 self.recorded_stop = ev
         self.warnings = list(reader.warnings)
         reader.close()
-        h = self.header
-        kinfo = h.get("kernel") or {}
-        kpath = kernel or kinfo.get("path")
-        if not kpath:
-            raise TracevisorError(f"{self.path} names no kernel; pass --kernel PATH")
-        try:
-            self.image = load_kernel(kpath, int(h["memory"]))
-        except LoaderError as e:
-            if not kernel and not os.path.exists(kpath):
-                raise TracevisorError(f"the recorded kernel {kpath} is not there; pass --kernel PATH") from None
-            raise e
-        if self.image.sha256 != kinfo.get("sha256") and not force:
-            raise TracevisorError(
-                f"kernel {kpath} differs from the recorded one (sha256 {self.image.sha256[:16]}… vs "
-                f"{str(kinfo.get('sha256'))[:16]}…); use --force to replay it anyway and let divergence "
-                "detection show where it matters")
-        opts = h.get("options") or {}
-        self.config = VmConfig(kernel=kpath, memory=int(h["memory"]), cpus=int(h["cpus"]),
-                               verbose=bool(opts.get("verbose")), pit=bool(opts.get("pit")),
-                               cpuid_rows=h.get("cpuid"),
-                               stagger_s=float(opts.get("stagger_s", 0.05)), net=opts.get("net"))
+        self.config, self.image = session.replay_kernel(self.header, self.path, kernel, force)
         self.quiet = quiet
         self.checkpoint_every = checkpoint_every
         self.max_checkpoints = max_checkpoints
         self.store = None  # CheckpointStore, when time travel is on
         self._want_checkpoint = False
         self._user_pause = False
+        self.session: session.Session | None = None
         self.machine: Machine | None = None
         self.checker: Checker | None = None
         self.hostio: ReplayingHostIO | None = None
         self._callbacks: dict[str, list[Callable]] = {}
         self.result: ReplayResult | None = None
-        self._pause_message = "paused"
 
     # -- API -------------------------------------------------------------------------------------
     def on(self, kind: str, fn: Callable[[ReplayEvent], object]) -> Replayer:
@@ -198,7 +179,7 @@ class Replayer:
 
     def run_to(self, seq: int) -> ReplayResult:
         """Replay until recorded event ``seq`` has been reproduced, then pause (VM kept for inspection)."""
-        self._prepare()
+        self.prepare()
         if seq <= self.checker.position:
             raise TracevisorError(f"already past event {seq} (at {self.checker.position}); "
                                   "replay forward only here (seek/step_back need checkpoints)")
@@ -208,33 +189,36 @@ class Replayer:
     def seek(self, seq: int) -> ReplayResult:
         """Move to just after recorded event ``seq`` — forward by replaying, backward by restoring the
         nearest earlier checkpoint and replaying from there (needs ``checkpoint_every``)."""
-        self._prepare()
-        self._boot()
+        self.boot()
         if seq == self.checker.position:
             return self._paused_result()
-        if seq < self.checker.position or self.machine.stop_info is None or \
-                self.machine.stop_info.reason != "paused":
+        if seq < self.checker.position or not self.machine.pause_requested():
             if self.store is None:
                 raise TracevisorError("seeking backwards needs checkpoints: Replayer(path, checkpoint_every=N)")
-            i = self.store.latest_at_or_before(seq)
-            cp = self.store.restore(i)
-            self.checker.load(self.path, cp.extra["checker"])
-            self.hostio.load(self.path, cp.extra["hostio"])
-            self.checker.stopped_by_callback = False
-            self.machine.stop_info = StopInfo("paused", 0, f"restored checkpoint at #{cp.position}")
+            cp = self.restore_checkpoint(self.store.latest_at_or_before(seq))
             if cp.position >= seq:
                 return self._paused_result()
         return self.run_to(seq)
 
+    def restore_checkpoint(self, index: int):
+        """Bring the VM, the checker and the replaying HostIO back to checkpoint ``index`` (paused there)."""
+        cp = self.store.restore(index)
+        self.checker.load(self.path, cp.extra["checker"])
+        self.hostio.load(self.path, cp.extra["hostio"])
+        self.checker.stopped_by_callback = False
+        self.machine.mark_paused(f"restored checkpoint at #{cp.position}")
+        return cp
+
     def step_back(self) -> ReplayResult:
         """Go back to the exit before the current position."""
-        self._prepare()
-        target = self._exit_before(self.checker.position)
+        self.prepare()
+        target = self.exit_before(self.checker.position)
         if target is None:
             raise TracevisorError("already at the first exit")
         return self.seek(target)
 
-    def _exit_before(self, seq: int) -> int | None:
+    def exit_before(self, seq: int) -> int | None:
+        """The seq of the last recorded exit before event ``seq`` (None if there is none)."""
         import bisect
 
         reader = open_trace(self.path)
@@ -255,7 +239,7 @@ class Replayer:
     def _paused_result(self) -> ReplayResult:
         c = self.checker
         rec = self.recorded_stop or {}
-        return ReplayResult(status=0, reason="paused", matched=c.matched, exits=c.exits, code=None,
+        return ReplayResult(status=0, reason=StopReason.PAUSED, matched=c.matched, exits=c.exits, code=None,
                             recorded_code=rec.get("code"), recorded_reason=rec.get("reason"), verified=False,
                             message=f"paused after recorded event #{c.position}", stop=self.machine.stop_info)
 
@@ -273,8 +257,9 @@ class Replayer:
         return ReadOnlyMemory(self.machine.memory, self.machine, 0)
 
     def close(self) -> None:
-        if self.machine is not None:
-            self.machine.close()
+        if self.session is not None:
+            self.session.close()
+            self.session = None
             self.machine = None
 
     def __enter__(self) -> Replayer:
@@ -288,11 +273,10 @@ class Replayer:
         if self.machine is None:
             raise TracevisorError("the replay has not started; call run_to(N) first")
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Create the VM, the replaying HostIO and the checker (once)."""
         if self.machine is not None:
             return
-        self.machine = Machine(self.config, self.image)
-        self.machine.log = lambda msg: None if self.quiet else print(f"tracevisor: {msg}")
         self.hostio = ReplayingHostIO(self.path, self.config.cpus, Console(quiet=self.quiet))
         self.checker = Checker(self.path, self.config.cpus)
         self.checker.callbacks = self._callbacks
@@ -303,12 +287,18 @@ class Replayer:
                 raise TracevisorError("time travel (checkpoints) supports single-vCPU traces only")
             self.checker.checkpoint_every = self.checkpoint_every
             self.checker.on_checkpoint = self._checkpoint_request
+        self.session = session.build_replay(self.config, self.image, self.hostio, self.checker,
+                                            log=lambda msg: None if self.quiet else print(f"tracevisor: {msg}"))
+        self.machine = self.session.machine
 
-    def _boot(self) -> None:
+    def boot(self) -> None:
+        """Prepare and boot the VM (once), taking the first checkpoint when time travel is on; the VM is
+        then paused before the first guest instruction."""
+        self.prepare()
         m = self.machine
         if m.booted:
             return
-        m.boot(self.hostio, sink=self.checker)
+        self.session.boot()
         if self.checkpoint_every:
             from tracevisor.checkpoint import CheckpointStore
 
@@ -329,28 +319,28 @@ class Replayer:
                                    message or f"paused after event #{self.checker.position}")
 
     def _go(self) -> ReplayResult:
-        self._prepare()
+        self.prepare()
         try:
-            self._boot()
+            self.boot()
         except Divergence as e:  # a host answer needed to boot (boot time, CPU frequency) is missing or bad
-            info = StopInfo("diverged", STATUS_DIVERGED, f"replay diverged while booting: {e}", cpu=0,
-                            report=dict(e.details))
-            self.machine.stop_info = info
+            info = StopInfo.of(StopReason.DIVERGED, f"replay diverged while booting: {e}", cpu=0,
+                               report=dict(e.details))
+            self.machine.stop(info)
             self.result = self._result(info)
             return self.result
         m = self.machine
-        if m.stop_info is not None and (m.stop_info.reason != "paused" or self.checker.stopped_by_callback):
+        if m.stop_info is not None and (not m.pause_requested() or self.checker.stopped_by_callback):
             return self.result
-        self.result = self._result(self._resume_machine())
+        self.result = self._result(self.resume())
         return self.result
 
-    def _resume_machine(self) -> StopInfo:
+    def resume(self) -> StopInfo:
         """Resume the VM until a stop that is not one of our own checkpoint pauses."""
         m = self.machine
         while True:
             self._user_pause = False
             info = m.resume()
-            if info.reason == "paused" and self._want_checkpoint:
+            if info.is_paused and self._want_checkpoint:
                 self._want_checkpoint = False
                 self._take_checkpoint()
                 if not self._user_pause and not info.report.get("debug"):
@@ -363,33 +353,33 @@ class Replayer:
         c = self.checker
         base = dict(matched=c.matched, exits=c.exits, code=info.code, recorded_code=rec_code,
                     recorded_reason=rec_reason, stop=info)
-        if info.reason == "paused":
-            reason = "stopped" if c.stopped_by_callback else "paused"
+        if info.is_paused:
+            reason = StopReason.STOPPED if c.stopped_by_callback else StopReason.PAUSED
             return ReplayResult(status=0, reason=reason, verified=False,
                                 message=f"replay {reason} after recorded event #{c.position} "
                                         f"({c.matched} events matched)", **base)
-        if info.reason == "diverged":
+        if info.reason == StopReason.DIVERGED:
             report = dict(info.report)
             if not self.complete and report.get("expected") is None:
-                return ReplayResult(status=0, reason="end-of-trace", verified=False,
+                return ReplayResult(status=0, reason=StopReason.END_OF_TRACE, verified=False,
                                     message=f"reached the end of an incomplete recording after {c.matched} "
                                             "matching events (the recorder did not finish)", report=report,
                                     **base)
-            return ReplayResult(status=STATUS_DIVERGED, reason="diverged", verified=False,
+            return ReplayResult(status=int(ExitStatus.DIVERGED), reason=StopReason.DIVERGED, verified=False,
                                 message=info.message, report=report, **base)
-        if info.reason == "exit":
+        if info.reason == StopReason.EXIT:
             left = c.leftover()
             ending_cpu = info.cpu if info.cpu is not None else 0
             if ending_cpu in left:
-                return ReplayResult(status=STATUS_DIVERGED, reason="diverged", verified=False,
+                return ReplayResult(status=int(ExitStatus.DIVERGED), reason=StopReason.DIVERGED, verified=False,
                                     message=f"the replayed guest exited (code {info.code}) before the "
                                             f"recording did: recorded events remain on vCPU {ending_cpu}",
                                     report={"leftover": left}, **base)
-            if rec_reason == "exit" and rec_code == info.code:
-                return ReplayResult(status=info.status, reason="exit", verified=True,
+            if rec_reason == StopReason.EXIT and rec_code == info.code:
+                return ReplayResult(status=info.status, reason=StopReason.EXIT, verified=True,
                                     message=f"replay verified: {c.matched} events matched ({c.exits} exits), "
                                             f"exit code {info.code} identical to the recording", **base)
-            return ReplayResult(status=STATUS_DIVERGED, reason="diverged", verified=False,
+            return ReplayResult(status=int(ExitStatus.DIVERGED), reason=StopReason.DIVERGED, verified=False,
                                 message=f"the replay exited with code {info.code}, the recording ended with "
                                         f"{rec_reason} (code {rec_code})", **base)
         # A fault/hang/timeout in the replay: verified if the recording ended the same way.

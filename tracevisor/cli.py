@@ -12,6 +12,7 @@ import sys
 
 from . import __version__
 from .errors import TracevisorError
+from .status import ExitStatus
 
 GUEST_ARGS_HELP = "arguments passed to the guest (its argv[1:]); everything after KERNEL goes here"
 
@@ -167,41 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def vm_setup(ns: argparse.Namespace):
-    """Options → (VmConfig, KernelImage, Sandbox, argv, env); every problem is a TracevisorError."""
-    from .loader import load_kernel
-    from .machine import VmConfig, parse_size
-    from .sandbox import Sandbox, parse_mount
+def session_config(ns: argparse.Namespace):
+    """The options of `run`/`record` → a SessionConfig (tracevisor.session); bad values are TracevisorErrors."""
+    from .machine import parse_size
+    from .session import SessionConfig
 
-    memory = parse_size(ns.memory)
-    net = getattr(ns, "net", None)
-    if net and net != "none":
-        from .netbackend import parse_net_spec
-
-        parse_net_spec(net)
-    config = VmConfig(kernel=ns.kernel, args=list(ns.args), memory=memory, cpus=ns.cpus,
-                      verbose=ns.verbose, pit=ns.pit, timeout=ns.timeout,
-                      net=net if net and net != "none" else None)
-    config.validate()
-    if ns.timeout is not None and not (0 < ns.timeout < float("inf")):  # also refuses nan
-        raise TracevisorError(f"--timeout {ns.timeout}: must be a positive number of seconds")
-    image = load_kernel(ns.kernel, memory)
-    mounts = [parse_mount(m) for m in ns.mount]
-    for e in ns.env:
-        if "=" not in e or e.startswith("="):
-            raise TracevisorError(f"bad --env {e!r}: expected KEY=VALUE")
-    env: dict[str, str] = {} if ns.no_host_env else dict(os.environ)
-    env.update(e.split("=", 1) for e in ns.env)
-    env_list = [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items()]
-    if len(env_list) > 128:
-        print(f"tracevisor: warning: the guest gets only the first 128 of {len(env_list)} environment "
-              "variables (the CMDSIZE limit)", file=sys.stderr)
-        env_list = env_list[:128]
-    argv = [ns.kernel.encode("utf-8", "surrogateescape")] + [a.encode("utf-8", "surrogateescape")
-                                                              for a in ns.args]
-    if len(argv) > 128:
-        raise TracevisorError(f"too many guest arguments ({len(argv) - 1}); the ABI allows 127")
-    return config, image, Sandbox(mounts), argv, env_list
+    return SessionConfig(kernel=ns.kernel, args=list(ns.args), memory=parse_size(ns.memory), cpus=ns.cpus,
+                         mounts=list(ns.mount), env=list(ns.env), host_env=not ns.no_host_env,
+                         verbose=ns.verbose, pit=ns.pit, timeout=ns.timeout, net=getattr(ns, "net", None),
+                         quiet=getattr(ns, "quiet", False))
 
 
 def finish(info, verbose_log=None) -> int:
@@ -216,59 +191,21 @@ def finish(info, verbose_log=None) -> int:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from .hostio import Console, LiveHostIO
-    from .machine import Machine
+    from . import session
 
+    config = session_config(ns)
     if ns.gdb is not None:
-        from .debugtarget import parse_gdb_address, run_under_gdb
+        from .debugtarget import parse_gdb_address
 
         parse_gdb_address(ns.gdb)
-        if ns.cpus != 1:
-            raise TracevisorError(f"--gdb debugs a single vCPU: use -c 1 (got -c {ns.cpus})")
-    config, image, sandbox, argv, env = vm_setup(ns)
-    machine = Machine(config, image)
-    try:
-        hostio = LiveHostIO(sandbox, argv, env, Console(), tsc_khz=machine.tsc_khz)
-        if config.net:
-            from .netbackend import open_backend
-
-            hostio.net = open_backend(config.net)
-        if ns.gdb is not None:
-            info = run_under_gdb(machine, hostio, ns.gdb)
-        else:
-            info = machine.run(hostio)
-        hostio.close_all()
-        for line in hostio.refusal_notes(ns.verbose):
+        s = session.build_debug(config)
+    else:
+        s = session.build_run(config)
+    with s:
+        info = s.serve_gdb(ns.gdb) if ns.gdb is not None else s.run()
+        for line in s.refusal_notes(ns.verbose):
             print(f"tracevisor: {line}", file=sys.stderr)
         return finish(info)
-    finally:
-        machine.close()
-
-
-def trace_header(ns, config, image, sandbox, argv, env, machine) -> dict:
-    """The recorder's header (the fields docs/trace-format.md lists)."""
-    import platform
-
-    from .kvm import uapi as U
-
-    desc = machine.describe()
-    return {
-        "kernel": {"path": os.path.abspath(image.path), "sha256": image.sha256, "size": image.file_size,
-                   "entry_version": image.entry_version, "pie": image.pie},
-        "memory": config.memory, "cpus": config.cpus,
-        "argv": [a.decode("utf-8", "surrogateescape") for a in argv],
-        "env": [e.decode("utf-8", "surrogateescape") for e in env],
-        "mounts": sandbox.describe(),
-        "cpuid": desc["cpuid"],
-        "host": {"uname": " ".join(platform.uname()), "kvm_api": U.KVM_API_VERSION,
-                 "python": platform.python_version(), "tsc_khz": desc["tsc_khz"],
-                 "irqchip": desc["irqchip"], "caps": desc["caps"]},
-        "determinism": {"rdrand_hidden": config.hide_rdrand, "rdseed_hidden": config.hide_rdrand,
-                        "notes": "RDRAND/RDSEED hidden in CPUID; TSC reads are not recorded "
-                                 "(docs/determinism.md)"},
-        "options": {"verbose": config.verbose, "pit": config.pit, "timeout": config.timeout,
-                    "stagger_s": config.stagger_s, "net": config.net},
-    }
 
 
 def _hoist_record_options(argv: list[str]) -> list[str]:
@@ -307,48 +244,23 @@ def _hoist_record_options(argv: list[str]) -> list[str]:
 def cmd_record(ns: argparse.Namespace) -> int:
     import time
 
-    from .clock import Clock
-    from .hostio import Console, LiveHostIO, RecordingHostIO
-    from .kvm.uapi import EXIT_REASON_NAMES
-    from .machine import STATUS_ERROR, Machine, StopInfo, parse_size
-    from .trace import TraceWriter
+    from . import session
+    from .kvm.uapi import exit_reason_name
+    from .machine import parse_size
 
     max_bytes = parse_size(ns.max_trace_size) if ns.max_trace_size else None
-    config, image, sandbox, argv, env = vm_setup(ns)
-    machine = Machine(config, image)
+    config = session_config(ns)
     started = time.monotonic()
-    try:
-        netdev = None
-        if config.net:  # before the trace exists: a TAP that cannot be opened leaves no trace file behind
-            from .netbackend import open_backend
-
-            netdev = open_backend(config.net)
-        header = trace_header(ns, config, image, sandbox, argv, env, machine)
-        writer = TraceWriter(ns.output, header, compress=None if ns.compress == "none" else ns.compress,
-                             threadsafe=config.cpus > 1, max_bytes=max_bytes)
-        clock = Clock(writer.t0_ns)  # one clock for exit rows, events and the stop record
-        machine.stop_conditions.append(
-            lambda: StopInfo("trace-full", STATUS_ERROR,
-                             f"the trace reached --max-trace-size ({ns.max_trace_size}); recording stopped")
-            if writer.full else None)
-        live = LiveHostIO(sandbox, argv, env, Console(quiet=ns.quiet), tsc_khz=machine.tsc_khz)
-        live.net = netdev
-        hostio = RecordingHostIO(live, writer, clock.now)
-        try:
-            info = machine.run(hostio, sink=writer, clock=clock)
-        finally:
-            hostio.close_all()
-        for line in live.refusal_notes(ns.verbose):
+    with session.build_record(config, ns.output, compress=None if ns.compress == "none" else ns.compress,
+                              max_bytes=max_bytes, max_bytes_text=ns.max_trace_size) as s:
+        info = s.run()
+        for line in s.refusal_notes(ns.verbose):
             print(f"tracevisor: {line}", file=sys.stderr)
-        stop = info.as_dict()
-        stop["report"] = {k: v for k, v in stop["report"].items() if k != "traceback"}
-        summary = writer.close(stop=stop)
+        summary = s.summary or {}
         status = finish(info)
-    finally:
-        machine.close()
     wall = time.monotonic() - started
     exits = summary.get("exits", 0)
-    by_reason = ", ".join(f"{EXIT_REASON_NAMES.get(int(r), r)} {n}" for r, n in
+    by_reason = ", ".join(f"{exit_reason_name(int(r))} {n}" for r, n in
                           sorted(summary.get("by_reason", {}).items(), key=lambda kv: -kv[1]))
     size = os.path.getsize(ns.output)
     per_exit = f", {size / exits:.1f} B/exit" if exits else ""
@@ -536,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("tracevisor: interrupted", file=sys.stderr)
-        return 130
+        return int(ExitStatus.INTERRUPTED)
     except BrokenPipeError:
         try:
             sys.stdout = None  # type: ignore[assignment]

@@ -32,6 +32,7 @@ import fcntl
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import GuestError, TracevisorError
@@ -59,10 +60,9 @@ from .gdbstub import (
     unpack_registers,
 )
 from .kvm import uapi as U
-from .machine import STATUS_ERROR, StopInfo
+from .status import StopInfo, StopReason
 
 MAX_STEP_WATCH = 1 << 16  # bytes compared after every step, per watchpoint
-STATUS_KILLED = 137  # the VM was killed from gdb (128 + SIGKILL, as a shell reports a killed process)
 DEFAULT_HOST = "127.0.0.1"
 NUM_SLOTS = 4
 DR6_BS = 1 << 14  # single-step
@@ -71,8 +71,8 @@ _DR7_LEN = {1: 0b00, 2: 0b01, 8: 0b10, 4: 0b11}
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
          "r14", "r15", "rip")
 _SEGMENTS = ("cs", "ss", "ds", "es", "fs", "gs")
-_FAULT_SIGNALS = {"fault": SIGSEGV, "guest-error": SIGSYS, "hang": SIGABRT, "interrupted": SIGINT,
-                  "terminated": SIGTERM, "timeout": SIGALRM}
+_FAULT_SIGNALS = {StopReason.FAULT: SIGSEGV, StopReason.GUEST_ERROR: SIGSYS, StopReason.HANG: SIGABRT,
+                  StopReason.INTERRUPTED: SIGINT, StopReason.TERMINATED: SIGTERM, StopReason.TIMEOUT: SIGALRM}
 
 
 @dataclass
@@ -197,11 +197,15 @@ def probe_guest_debug(kvm=None) -> dict[str, bool]:
 
 
 class LiveTarget:
-    """A booted Machine as a gdb stub target (see tracevisor.gdbstub for the interface)."""
+    """A booted Machine as a gdb stub target (see tracevisor.gdbstub for the interface).
+
+    ``run_vm`` runs the VM until its next stop (default ``machine.resume``; a replay passes its own, which
+    also takes checkpoints).  Subclasses see every stop through :meth:`resume`."""
 
     supports_reverse = False
 
-    def __init__(self, machine, sw_breakpoints: str = "hw", watchpoints: str = "auto") -> None:
+    def __init__(self, machine, sw_breakpoints: str = "hw", watchpoints: str = "auto",
+                 run_vm: Callable[[], StopInfo] | None = None) -> None:
         if sw_breakpoints not in ("hw", "int3"):
             raise TracevisorError(f"unknown software breakpoint backend {sw_breakpoints!r} (hw or int3)")
         if watchpoints not in ("auto", "hw", "step"):
@@ -216,6 +220,7 @@ class LiveTarget:
             ((WATCH_ACCESS,) if watchpoints == "hw" else ())
         self.step_watches: dict[tuple[int, int], bytes | None] = {}  # (addr, length) → bytes last seen
         self.machine = machine
+        self.run_vm = run_vm or machine.resume
         self.state = machine.vcpus[0]
         self.vcpu = self.state.vcpu
         self.sw_backend = sw_breakpoints
@@ -397,7 +402,7 @@ class LiveTarget:
     def step(self) -> Stop:
         return self._go(step=True)
 
-    def _exec_slot_at(self, rip: int) -> Slot | None:
+    def exec_slot_at(self, rip: int) -> Slot | None:
         for s in self.slots:
             if s is not None and s.kind in (BP_SOFTWARE, BP_HARDWARE) and s.start == rip:
                 return s
@@ -409,18 +414,18 @@ class LiveTarget:
         for key in self.step_watches:  # gdb may have written memory while stopped
             self.step_watches[key] = self._peek(*key)
         rip = self.vcpu.get_regs().rip
-        at_bp = self._exec_slot_at(rip) is not None or rip in self.int3
+        at_bp = self.exec_slot_at(rip) is not None or rip in self.int3
         if step or self.step_watches:
-            stop = self._resume(singlestep=True, skip_at=rip)
+            stop = self.resume(singlestep=True, skip_at=rip)
             if step or stop.reason != "step":
                 return self._watch_check(stop)
             if self.step_watches:
                 return self._step_until_watch(stop)
         elif at_bp:
-            stop = self._resume(singlestep=True, skip_at=rip)  # step off the breakpoint first
+            stop = self.resume(singlestep=True, skip_at=rip)  # step off the breakpoint first
             if stop.reason != "step":
                 return stop
-        return self._resume(singlestep=False, skip_at=None)
+        return self.resume(singlestep=False, skip_at=None)
 
     def _watch_check(self, stop: Stop) -> Stop:
         """After a single step: did a step-emulated watchpoint's bytes change?"""
@@ -440,12 +445,14 @@ class LiveTarget:
             if stop.reason != "step":
                 return stop
             rip = self.vcpu.get_regs().rip
-            slot = self._exec_slot_at(rip)
+            slot = self.exec_slot_at(rip)
             if slot is not None or rip in self.int3:  # the next instruction carries a breakpoint
                 return Stop("breakpoint", SIGTRAP, hardware=slot is not None and slot.kind == BP_HARDWARE)
-            stop = self._resume(singlestep=True, skip_at=None)
+            stop = self.resume(singlestep=True, skip_at=None)
 
-    def _resume(self, singlestep: bool, skip_at: int | None) -> Stop:
+    def resume(self, singlestep: bool, skip_at: int | None) -> Stop:
+        """Run the guest once (one step, or until the next stop) with the breakpoints armed, except an
+        execution breakpoint at ``skip_at`` (the instruction being stepped off)."""
         if self._interrupt.is_set():
             self._interrupt.clear()
             return Stop("interrupt", SIGINT)
@@ -463,7 +470,7 @@ class LiveTarget:
             control |= U.KVM_GUESTDBG_ENABLE | U.KVM_GUESTDBG_USE_SW_BP
         try:
             self.vcpu.set_guest_debug(control, debugregs)
-            info = self.machine.resume()
+            info = self.run_vm()
         finally:
             if restore is not None and restore in self.int3 and self.final is None:
                 try:
@@ -475,7 +482,7 @@ class LiveTarget:
         return stop
 
     def _translate(self, info: StopInfo, singlestep: bool) -> Stop:
-        if info.reason != "paused":
+        if not info.is_paused:
             self.final = info
             return self._final_stop()
         debug = info.report.get("debug")
@@ -501,12 +508,12 @@ class LiveTarget:
     def _final_stop(self) -> Stop:
         info = self.final
         assert info is not None
-        if info.reason == "exit":
+        if info.reason == StopReason.EXIT:
             return Stop("exit", code=info.code, message=info.message)
-        if info.reason == "killed":
+        if info.reason == StopReason.KILLED:
             return Stop("killed", 9, message=info.message)
         sig = _FAULT_SIGNALS.get(info.reason, SIGABRT)
-        if info.reason == "fault" and info.report.get("suberror") == 1:
+        if info.reason == StopReason.FAULT and info.report.get("suberror") == 1:
             sig = SIGILL  # an instruction KVM could not run
         return Stop("fault", sig, message=info.message)
 
@@ -514,12 +521,12 @@ class LiveTarget:
         """From another thread: stop the running guest (it pauses; the stop reads as SIGINT)."""
         self._interrupt.set()
         if self.final is None:
-            self.machine.stop(StopInfo("paused", 0, "interrupted", cpu=0))
+            self.machine.stop(StopInfo.paused("interrupted", cpu=0))
 
     def _interrupt_requested(self) -> StopInfo | None:
         # Polled by the machine's supervisor: catches an interrupt that raced with the start of a run.
         if self._interrupt.is_set() and not self.detached:
-            return StopInfo("paused", 0, "interrupted", cpu=0)
+            return StopInfo.paused("interrupted", cpu=0)
         return None
 
     def _clear_debug(self) -> None:
@@ -535,7 +542,7 @@ class LiveTarget:
     def kill(self) -> None:
         self._clear_debug()
         if self.final is None:
-            self.final = StopInfo("killed", STATUS_KILLED, "killed by the debugger (gdb kill)")
+            self.final = StopInfo.of(StopReason.KILLED, "killed by the debugger (gdb kill)")
 
     def detach(self) -> None:
         """Remove every breakpoint and stop debugging; :meth:`run_to_end` then lets the guest finish."""
@@ -546,8 +553,8 @@ class LiveTarget:
     def run_to_end(self) -> StopInfo:
         """After detach: run the guest until it exits or stops for good."""
         while self.final is None:
-            info = self.machine.resume()
-            if info.reason != "paused":
+            info = self.run_vm()
+            if not info.is_paused:
                 self.final = info
         return self.final
 
@@ -575,21 +582,10 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_under_gdb(machine, hostio, address: str, *, sw_breakpoints: str = "hw", watchpoints: str = "auto",
-                  say=_say) -> StopInfo:
-    """Boot the VM, wait for one gdb connection before the first guest instruction, serve it.
-
-    Returns the StopInfo the process status comes from: the guest's exit (also after ``detach``),
-    a fault, a kill from gdb, or an error when gdb went away or broke the protocol (the VM is stopped).
-    """
-    return serve_gdb(lambda: (machine.boot(hostio),
-                              LiveTarget(machine, sw_breakpoints=sw_breakpoints, watchpoints=watchpoints))[1],
-                     address, say=say)
-
-
 def serve_gdb(make_target, address: str, *, say=_say) -> StopInfo:
     """Listen on ``address``, build the target (``make_target()``, after the socket is bound), wait for one
-    gdb connection and serve it; shared by ``run --gdb`` and ``replay --gdb``."""
+    gdb connection and serve it; shared by ``run --gdb`` (tracevisor.session.Session.serve_gdb) and
+    ``replay --gdb``."""
     host, port = parse_gdb_address(address)
     try:
         server = listen(host, port)
@@ -609,16 +605,16 @@ def serve_gdb(make_target, address: str, *, say=_say) -> StopInfo:
         end = stub.serve()
     except KeyboardInterrupt:
         target.kill()
-        return StopInfo("interrupted", 130, "interrupted (Ctrl-C) while gdb was attached; VM stopped")
+        return StopInfo.of(StopReason.INTERRUPTED, "interrupted (Ctrl-C) while gdb was attached; VM stopped")
     if end.how == "detached":
         return target.run_to_end()
     if target.final is not None:  # exited, faulted or killed: that is the outcome
         return target.final
     target.kill()
     if end.how == "protocol-error":
-        return StopInfo("error", STATUS_ERROR, f"gdb protocol error ({end.message}); connection dropped, "
+        return StopInfo.of(StopReason.ERROR, f"gdb protocol error ({end.message}); connection dropped, "
                         "VM stopped")
     if end.how == "error":
-        return StopInfo("error", STATUS_ERROR, f"gdb stub failed ({end.message}); VM stopped")
+        return StopInfo.of(StopReason.ERROR, f"gdb stub failed ({end.message}); VM stopped")
     why = end.message or "connection closed"
-    return StopInfo("error", STATUS_ERROR, f"gdb disconnected without detaching ({why}); VM stopped")
+    return StopInfo.of(StopReason.ERROR, f"gdb disconnected without detaching ({why}); VM stopped")

@@ -28,6 +28,7 @@ class StopReason(StrEnum):
     DIVERGED = "diverged"  # a replay left the recording
     TRACE_FULL = "trace-full"  # --max-trace-size reached; the trace is complete up to there
     KILLED = "killed"  # gdb's kill
+    END_OF_TRACE = "end-of-trace"  # a replay reached the end of an incomplete recording
 
 
 class ExitStatus(IntEnum):
@@ -58,6 +59,7 @@ STATUS_OF: dict[StopReason, ExitStatus] = {
     StopReason.DIVERGED: ExitStatus.DIVERGED,
     StopReason.TRACE_FULL: ExitStatus.ERROR,
     StopReason.KILLED: ExitStatus.KILLED,
+    StopReason.END_OF_TRACE: ExitStatus.OK,
 }
 
 _REG_NAMES = ("rip", "rsp", "rbp", "rflags", "rax", "rbx", "rcx", "rdx", "rsi", "rdi",

@@ -1,0 +1,392 @@
+"""Sessions: the one place that assembles a VM for a run, a recording, a replay or a debugger.
+
+A :class:`SessionConfig` says what to run (kernel, guest arguments, machine size, mounts, environment,
+options); the builders turn it into a :class:`Session` — the machine with its HostIO, its trace sink and
+the trace clock, wired once, in one order:
+
+=================  =================================  ==========================  =====================
+builder            HostIO                             trace sink                  used by
+=================  =================================  ==========================  =====================
+:func:`build_run`  LiveHostIO (sandbox, console)      none                        ``run``, ``run --gdb``
+:func:`build_record`  RecordingHostIO(LiveHostIO)      TraceWriter                 ``record``, :func:`record`
+:func:`build_replay`  given (the replaying HostIO)     given (the divergence checker)  ``tracevisor.replay``
+=================  =================================  ==========================  =====================
+
+The trace header is written from the config (:func:`trace_header`) and a replay's config is read back
+from it (:func:`config_from_header`): the two directions live side by side so they cannot drift.
+
+Recording without the CLI::
+
+    from tracevisor.session import record
+    stop = record("hello", "hello.tvt", args=["world"], mounts=["/tmp/data:/data:ro"])
+    assert stop.reason == "exit" and stop.code == 0
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .clock import Clock
+from .errors import TracevisorError
+from .hostio import Console, HostIO, LiveHostIO, RecordingHostIO
+from .loader import KernelImage, load_kernel
+from .machine import AP_STAGGER_S, DEFAULT_MEMORY, Machine, VmConfig, parse_size
+from .sandbox import Sandbox, parse_mount
+from .status import StopInfo, StopReason
+
+MAX_GUEST_ARGS = 127  # the CMDSIZE block has 128 argument sizes, argv[0] included
+MAX_GUEST_ENV = 128
+
+
+def _warn(msg: str) -> None:
+    print(f"tracevisor: warning: {msg}", file=sys.stderr)
+
+
+@dataclass
+class SessionConfig:
+    """What to run and how: everything a session needs besides the trace file.
+
+    ``host_env`` passes the host's environment to the guest (the CLI does, as uhyve; the Python API does
+    not unless asked, so a recording does not capture the caller's environment by accident)."""
+
+    kernel: str
+    args: list[str] = field(default_factory=list)
+    memory: int = DEFAULT_MEMORY
+    cpus: int = 1
+    mounts: list[str] = field(default_factory=list)  # HOSTDIR[:GUESTDIR][:ro]
+    env: list[str] = field(default_factory=list)  # KEY=VALUE, after the host's environment
+    host_env: bool = False
+    verbose: bool = False
+    pit: bool = False
+    timeout: float | None = None
+    net: str | None = None  # --net SPEC
+    quiet: bool = False  # do not echo the guest's console output
+    hide_rdrand: bool = True
+    stagger_s: float = AP_STAGGER_S
+    cpuid_rows: list[list[int]] | None = None  # replay: the recorded CPUID table instead of the host's
+
+    def __post_init__(self) -> None:
+        self.kernel = os.fspath(self.kernel)
+        self.args = [str(a) for a in self.args]
+        self.mounts = [os.fspath(m) for m in self.mounts]
+        self.env = list(self.env)
+        if isinstance(self.memory, str):
+            self.memory = parse_size(self.memory)
+        if self.net == "none":
+            self.net = None
+
+    def vm_config(self) -> VmConfig:
+        return VmConfig(kernel=self.kernel, args=list(self.args), memory=self.memory, cpus=self.cpus,
+                        verbose=self.verbose, pit=self.pit, timeout=self.timeout, hide_rdrand=self.hide_rdrand,
+                        cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s, net=self.net)
+
+    def validate(self) -> None:
+        """Every problem of the configuration itself as one TracevisorError (kernel and mounts excepted)."""
+        if self.net:
+            from .netbackend import parse_net_spec
+
+            parse_net_spec(self.net)
+        self.vm_config().validate()
+        if self.timeout is not None and not (0 < self.timeout < float("inf")):  # also refuses nan
+            raise TracevisorError(f"--timeout {self.timeout}: must be a positive number of seconds")
+
+    def guest_argv(self) -> list[bytes]:
+        argv = [a.encode("utf-8", "surrogateescape") for a in [self.kernel, *self.args]]
+        if len(argv) > MAX_GUEST_ARGS + 1:
+            raise TracevisorError(f"too many guest arguments ({len(argv) - 1}); the ABI allows {MAX_GUEST_ARGS}")
+        return argv
+
+    def guest_env(self, warn: Callable[[str], None] = _warn) -> list[bytes]:
+        for e in self.env:
+            if "=" not in e or e.startswith("="):
+                raise TracevisorError(f"bad --env {e!r}: expected KEY=VALUE")
+        env: dict[str, str] = dict(os.environ) if self.host_env else {}
+        env.update(e.split("=", 1) for e in self.env)
+        out = [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items()]
+        if len(out) > MAX_GUEST_ENV:
+            warn(f"the guest gets only the first {MAX_GUEST_ENV} of {len(out)} environment variables "
+                 "(the CMDSIZE limit)")
+            out = out[:MAX_GUEST_ENV]
+        return out
+
+
+# -- header ↔ config --------------------------------------------------------------------------------
+
+def trace_header(config: SessionConfig, image: KernelImage, machine: Machine, sandbox: Sandbox,
+                 argv: list[bytes], env: list[bytes]) -> dict:
+    """The recorder's header (the fields docs/trace-format.md lists); :func:`config_from_header` reads
+    it back."""
+    from .kvm import uapi as U
+
+    desc = machine.describe()
+    return {
+        "kernel": {"path": os.path.abspath(image.path), "sha256": image.sha256, "size": image.file_size,
+                   "entry_version": image.entry_version, "pie": image.pie},
+        "memory": config.memory, "cpus": config.cpus,
+        "argv": [a.decode("utf-8", "surrogateescape") for a in argv],
+        "env": [e.decode("utf-8", "surrogateescape") for e in env],
+        "mounts": sandbox.describe(),
+        "cpuid": desc["cpuid"],
+        "host": {"uname": " ".join(platform.uname()), "kvm_api": U.KVM_API_VERSION,
+                 "python": platform.python_version(), "tsc_khz": desc["tsc_khz"],
+                 "irqchip": desc["irqchip"], "caps": desc["caps"]},
+        "determinism": {"rdrand_hidden": config.hide_rdrand, "rdseed_hidden": config.hide_rdrand,
+                        "notes": "RDRAND/RDSEED hidden in CPUID; TSC reads are not recorded "
+                                 "(docs/determinism.md)"},
+        "options": {"verbose": config.verbose, "pit": config.pit, "timeout": config.timeout,
+                    "stagger_s": config.stagger_s, "net": config.net},
+    }
+
+
+def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig:
+    """The configuration a trace was recorded with (``kernel`` overrides the recorded path).  The guest
+    sees the recorded CPUID table, machine size, options and command line."""
+    kinfo = header.get("kernel") or {}
+    opts = header.get("options") or {}
+    argv = [str(a) for a in header.get("argv") or []]
+    mounts = [f"{m['host']}:{m['guest']}" + (":ro" if m.get("ro") else "")
+              for m in header.get("mounts") or [] if isinstance(m, dict) and "host" in m and "guest" in m]
+    determinism = header.get("determinism") or {}
+    return SessionConfig(
+        kernel=kernel or kinfo.get("path") or "", args=argv[1:], memory=int(header["memory"]),
+        cpus=int(header["cpus"]), mounts=mounts, env=[str(e) for e in header.get("env") or []],
+        verbose=bool(opts.get("verbose")), pit=bool(opts.get("pit")), timeout=opts.get("timeout"),
+        net=opts.get("net"), hide_rdrand=bool(determinism.get("rdrand_hidden", True)),
+        stagger_s=float(opts.get("stagger_s", AP_STAGGER_S)), cpuid_rows=header.get("cpuid"))
+
+
+# -- sessions ------------------------------------------------------------------------------------------
+
+class Session:
+    """An assembled VM: the machine, its HostIO, its trace sink and clock.  :meth:`run` boots and runs it;
+    :meth:`close` releases everything (use it as a context manager)."""
+
+    def __init__(self, config: SessionConfig, image: KernelImage, machine: Machine, hostio: HostIO,
+                 sink=None, clock: Clock | None = None, live: LiveHostIO | None = None, writer=None) -> None:
+        self.config = config
+        self.image = image
+        self.machine = machine
+        self.hostio = hostio
+        self.sink = sink
+        self.clock = clock or machine.clock
+        self.live = live  # the host side (refusal notes), when there is one
+        self.writer = writer  # the TraceWriter of a recording
+        self.summary: dict | None = None  # the writer's totals once the recording is closed
+        self.info: StopInfo | None = None
+
+    def boot(self) -> None:
+        """Lay out the guest without running it (a debugger attaches here; then machine.resume())."""
+        self.machine.boot(self.hostio, self.sink, self.clock)
+
+    def run(self) -> StopInfo:
+        """Boot, run until the guest exits or is stopped, release the host side; returns why it stopped.
+        A recording's trace is closed with the stop record."""
+        try:
+            info = self.machine.run(self.hostio, self.sink, self.clock)
+        finally:
+            self.hostio.close_all()
+        return self._finish(info)
+
+    def serve_gdb(self, address: str, **kw) -> StopInfo:
+        """Boot, wait for one gdb connection before the first guest instruction and serve it
+        (``run --gdb``); returns how the VM ended."""
+        from .debugtarget import LiveTarget, serve_gdb
+
+        def target():
+            self.boot()
+            return LiveTarget(self.machine, **kw)
+
+        try:
+            info = serve_gdb(target, address)
+        finally:
+            self.hostio.close_all()
+        return self._finish(info)
+
+    def _finish(self, info: StopInfo) -> StopInfo:
+        self.info = info
+        if self.writer is not None:
+            stop = info.as_dict()
+            stop["report"] = {k: v for k, v in stop["report"].items() if k != "traceback"}
+            self.summary = self.writer.close(stop=stop)
+        return info
+
+    def refusal_notes(self, verbose: bool | None = None) -> list[str]:
+        """What to tell the user about refused guest file requests (see LiveHostIO.refusal_notes)."""
+        if self.live is None:
+            return []
+        return self.live.refusal_notes(self.config.verbose if verbose is None else verbose)
+
+    def close(self) -> None:
+        try:
+            if self.writer is not None and self.summary is None:
+                self.summary = self.writer.close()
+        finally:
+            self.machine.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(config: SessionConfig) -> KernelImage:
+    """Validate the configuration and load its kernel (every problem is one TracevisorError)."""
+    config.validate()
+    return load_kernel(config.kernel, config.memory)
+
+
+@dataclass
+class _Host:
+    """The host side of a live session, prepared before the VM exists (so that a bad mount or
+    environment entry is reported before any KVM work)."""
+
+    image: KernelImage
+    sandbox: Sandbox
+    argv: list[bytes]
+    env: list[bytes]
+
+    def hostio(self, config: SessionConfig, machine: Machine) -> LiveHostIO:
+        return LiveHostIO(self.sandbox, self.argv, self.env, Console(quiet=config.quiet), tsc_khz=machine.tsc_khz)
+
+
+def _prepare(config: SessionConfig, image: KernelImage | None) -> _Host:
+    image = image or load(config)
+    mounts = [parse_mount(m) for m in config.mounts]
+    env = config.guest_env()
+    argv = config.guest_argv()
+    return _Host(image, Sandbox(mounts), argv, env)
+
+
+def build_machine(config: SessionConfig, image: KernelImage,
+                  log: Callable[[str], None] | None = None) -> Machine:
+    """The VM for ``config`` (created, not booted)."""
+    return Machine(config.vm_config(), image, log=log)
+
+
+def build_run(config: SessionConfig, image: KernelImage | None = None) -> Session:
+    """A plain run: the live host, no trace."""
+    host = _prepare(config, image)
+    try:
+        machine = build_machine(config, host.image)
+    except BaseException:
+        host.sandbox.close()
+        raise
+    live = host.hostio(config, machine)
+    try:
+        if config.net:
+            from .netbackend import open_backend
+
+            live.net = open_backend(config.net)
+    except BaseException:
+        live.close_all()
+        machine.close()
+        raise
+    return Session(config, host.image, machine, live, live=live)
+
+
+def build_debug(config: SessionConfig, image: KernelImage | None = None) -> Session:
+    """A run to be served to gdb (:meth:`Session.serve_gdb`): one vCPU."""
+    if config.cpus != 1:
+        raise TracevisorError(f"--gdb debugs a single vCPU: use -c 1 (got -c {config.cpus})")
+    return build_run(config, image)
+
+
+def build_record(config: SessionConfig, out: str | os.PathLike, *, compress: str | None = None,
+                 max_bytes: int | None = None, max_bytes_text: str | None = None,
+                 image: KernelImage | None = None) -> Session:
+    """A recording to ``out``: the live host wrapped in a RecordingHostIO, every exit and event to a
+    TraceWriter whose start is the session's clock.  With ``max_bytes`` the run stops cleanly (reason
+    ``trace-full``) once the trace reaches that size."""
+    from .trace import TraceWriter
+
+    host = _prepare(config, image)
+    try:
+        machine = build_machine(config, host.image)
+    except BaseException:
+        host.sandbox.close()
+        raise
+    live = host.hostio(config, machine)
+    try:
+        if config.net:  # before the trace exists: a TAP that cannot be opened leaves no trace file behind
+            from .netbackend import open_backend
+
+            live.net = open_backend(config.net)
+        header = trace_header(config, host.image, machine, host.sandbox, host.argv, host.env)
+        writer = TraceWriter(out, header, compress=compress, threadsafe=config.cpus > 1, max_bytes=max_bytes)
+    except BaseException:
+        live.close_all()
+        machine.close()
+        raise
+    clock = Clock(writer.t0_ns)  # one clock for exit rows, events and the stop record
+    limit = max_bytes_text or str(max_bytes)
+    machine.stop_conditions.append(
+        lambda: StopInfo.of(StopReason.TRACE_FULL, f"the trace reached --max-trace-size ({limit}); "
+                            "recording stopped") if writer.full else None)
+    hostio = RecordingHostIO(live, writer, clock.now)
+    return Session(config, host.image, machine, hostio, sink=writer, clock=clock, live=live, writer=writer)
+
+
+def replay_kernel(header: dict, path: str, kernel: str | None = None, force: bool = False) -> tuple[SessionConfig, KernelImage]:
+    """The configuration and kernel a replay of the trace at ``path`` (with this ``header``) runs:
+    the recorded kernel (or ``kernel``), checked against the recorded SHA-256 unless ``force``."""
+    from .errors import LoaderError
+
+    config = config_from_header(header, kernel)
+    if not config.kernel:
+        raise TracevisorError(f"{path} names no kernel; pass --kernel PATH")
+    try:
+        image = load_kernel(config.kernel, config.memory)
+    except LoaderError:
+        if not kernel and not os.path.exists(config.kernel):
+            raise TracevisorError(f"the recorded kernel {config.kernel} is not there; pass --kernel PATH") from None
+        raise
+    recorded = (header.get("kernel") or {}).get("sha256")
+    if image.sha256 != recorded and not force:
+        raise TracevisorError(
+            f"kernel {config.kernel} differs from the recorded one (sha256 {image.sha256[:16]}… vs "
+            f"{str(recorded)[:16]}…); use --force to replay it anyway and let divergence "
+            "detection show where it matters")
+    config.timeout = None  # the replay ends where the recording does, not on the clock
+    return config, image
+
+
+def build_replay(config: SessionConfig, image: KernelImage, hostio: HostIO, sink,
+                 log: Callable[[str], None] | None = None) -> Session:
+    """A replay: the recorded machine, answered by ``hostio`` (the replaying HostIO) and checked by
+    ``sink`` (the divergence checker) — both belong to :mod:`tracevisor.replay`, which builds them."""
+    return Session(config, image, build_machine(config, image, log=log), hostio, sink=sink)
+
+
+# -- the Python API --------------------------------------------------------------------------------
+
+def _config(kernel, args: Iterable[str], mounts: Iterable[str], opts: dict) -> SessionConfig:
+    return SessionConfig(kernel=os.fspath(kernel), args=list(args), mounts=list(mounts), **opts)
+
+
+def run(kernel: str | os.PathLike, args: Iterable[str] = (), mounts: Iterable[str] = (), **opts) -> StopInfo:
+    """Boot ``kernel`` with guest arguments ``args`` and run it to the end, like ``tracevisor run``.
+
+    ``mounts`` are ``HOSTDIR[:GUESTDIR][:ro]`` specs; ``opts`` are :class:`SessionConfig` fields
+    (``memory``, ``cpus``, ``env``, ``host_env``, ``timeout``, ``net``, ``quiet``, …).  Returns the
+    :class:`~tracevisor.status.StopInfo` (``.reason``, ``.code``, ``.status``)."""
+    config = _config(kernel, args, mounts, opts)
+    with build_run(config) as s:
+        return s.run()
+
+
+def record(kernel: str | os.PathLike, out: str | os.PathLike, args: Iterable[str] = (),
+           mounts: Iterable[str] = (), *, compress: str | None = None, max_bytes: int | None = None,
+           **opts) -> StopInfo:
+    """Record ``kernel`` to the trace ``out``, like ``tracevisor record``; returns the StopInfo.
+
+    Arguments as :func:`run`; ``compress="zstd"`` compresses chunks, ``max_bytes`` stops the run once the
+    trace reaches that size.  The guest's console is not echoed unless ``quiet=False``."""
+    opts.setdefault("quiet", True)
+    config = _config(kernel, args, mounts, opts)
+    with build_record(config, out, compress=compress, max_bytes=max_bytes) as s:
+        return s.run()
