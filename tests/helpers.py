@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,3 +36,41 @@ EXIT_ASM = """
   outl %eax, %dx
 """
 EXIT_DATA = "exitblk: .long {code}\n"
+
+
+def _child_signals() -> None:
+    """In a test's child: default SIGINT/SIGTERM, whatever the test runner inherited (a background job or
+    nohup starts with SIGINT ignored, and the child would inherit that)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def spawn_cli(*args: str, sigint: str = "default", **popen):
+    """Start `python -m tracevisor ARGS…` for a test that signals it; the child is killed (and reaped)
+    when the block ends, so a failing test never leaves a VM spinning.  ``sigint="ignore"`` starts the
+    child with SIGINT ignored, as a shell's background job is."""
+    import signal
+
+    def setup() -> None:
+        _child_signals()
+        if sigint == "ignore":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    env = dict(os.environ)
+    env.pop("TRACEVISOR_KVM_DEVICE", None)
+    env.update(popen.pop("env", None) or {})
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, "-m", "tracevisor", *args], env=env, preexec_fn=setup, **popen)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+        try:
+            p.communicate(timeout=30)
+        except (subprocess.TimeoutExpired, ValueError):
+            pass

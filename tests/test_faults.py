@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import EXIT_ASM, EXIT_DATA, build_asm, run_cli
+from helpers import EXIT_ASM, EXIT_DATA, build_asm, run_cli, spawn_cli
 
 pytestmark = pytest.mark.kvm
 
@@ -136,11 +136,10 @@ def test_timeout_ends_a_guest_blocked_on_a_stdout_pipe_nobody_reads(tmp_path, gu
                                              (signal.SIGTERM, 143, "terminated")])
 def test_signals_stop_cleanly(tmp_path, sig, status, word):
     k = build_asm(tmp_path, "spin", "1: jmp 1b\n")
-    p = subprocess.Popen([sys.executable, "-m", "tracevisor", "run", str(k)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    time.sleep(1.0)
-    p.send_signal(sig)
-    out, err = p.communicate(timeout=20)
+    with spawn_cli("run", str(k), stdout=subprocess.PIPE) as p:
+        time.sleep(1.0)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=20)
     assert p.returncode == status, err
     assert word.encode() in err and b"Traceback" not in err
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 from . import __version__
 from .errors import TracevisorError
@@ -435,14 +436,44 @@ def cmd_examples(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _runs_a_vm(ns: argparse.Namespace) -> bool:
+    """Does this command run a VM whose end must be recorded properly (not under an interactive debugger)?"""
+    return ns.command in ("run", "record", "replay") and getattr(ns, "gdb", None) is None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(_hoist_record_options(list(sys.argv[1:] if argv is None else argv)))
+    from . import signals
+
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signals.defer() if on_main else {}  # until the command is known (see tracevisor.signals)
+    try:
+        return _main(argv, on_main)
+    finally:
+        if on_main:
+            signals.restore(previous)  # an in-process caller gets its handlers back
+
+
+def _main(argv: list[str] | None, on_main: bool) -> int:
+    from . import signals
+
+    try:
+        parser = build_parser()
+        ns = parser.parse_args(_hoist_record_options(list(sys.argv[1:] if argv is None else argv)))
+        if on_main:
+            signals.check()
+            if not _runs_a_vm(ns):
+                signals.interactive()
+    except signals.Interrupted as e:
+        print(f"tracevisor: {e}", file=sys.stderr)
+        return e.status
     if not getattr(ns, "func", None):
         parser.print_help()
         return 2
     try:
         return ns.func(ns)
+    except signals.Interrupted as e:
+        print(f"tracevisor: {e}", file=sys.stderr)
+        return e.status
     except TracevisorError as e:
         print(f"tracevisor: error: {e}", file=sys.stderr)
         return 1
@@ -455,7 +486,6 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             pass
         return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

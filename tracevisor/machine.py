@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import arch_x86_64 as arch
-from . import hypercalls
+from . import hypercalls, signals
 from .clock import Clock
 from .devices.pci import CONFIG_ADDRESS, CONFIG_DATA, PciBus
 from .errors import GuestError, TracevisorError
@@ -50,10 +50,6 @@ STATUS_DIVERGED = int(ExitStatus.DIVERGED)
 STATUS_TIMEOUT = int(ExitStatus.TIMEOUT)
 STATUS_INTERRUPTED = int(ExitStatus.INTERRUPTED)
 STATUS_TERMINATED = int(ExitStatus.TERMINATED)
-
-
-class _Terminated(Exception):
-    pass
 
 
 @dataclass
@@ -257,9 +253,12 @@ class Machine:
     def _execute(self) -> StopInfo:
         main = threading.current_thread() is threading.main_thread()
         old_handlers = {}
+        own_signals = False
         if main:
             old_handlers[KICK_SIGNAL] = signal.signal(KICK_SIGNAL, lambda *a: None)
-            old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+            if not signals.deferring():  # a library caller: defer SIGINT/SIGTERM for this run only
+                old_handlers.update(signals.defer())
+                own_signals = True
         elif signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
             raise TracevisorError("the first Machine.run must happen on the main thread "
                                   "(it installs the vCPU kick signal handler)")
@@ -276,6 +275,8 @@ class Machine:
             if main:
                 for sig, h in old_handlers.items():
                     signal.signal(sig, h)
+                if own_signals:
+                    signals.clear()
             try:
                 self.hostio.flush()
             except Exception:
@@ -287,17 +288,18 @@ class Machine:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # the main thread takes them
         self.runner.run_thread(v)
 
-    def _on_sigterm(self, signum, frame):
-        raise _Terminated()
-
     def _supervise(self) -> None:
         """Main thread: wait for the end; enforce --timeout; detect vCPUs parked forever; Ctrl-C."""
         deadline = time.monotonic() + self.config.timeout if self.config.timeout else None
         next_probe = time.monotonic() + WATCHDOG_PERIOD_S
         while True:
+            if self._stopping.wait(0.05 if deadline or self.config.cpus > 1 else 0.2):
+                return
+            sig = signals.pending()
+            if sig is not None:  # the handler only noted it (tracevisor.signals): stop the VM here
+                self.stop(_signal_stop(sig))
+                return
             try:
-                if self._stopping.wait(0.05 if deadline or self.config.cpus > 1 else 0.2):
-                    return
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     self.stop(StopInfo.of(StopReason.TIMEOUT,
@@ -311,11 +313,8 @@ class Machine:
                 if now >= next_probe:
                     next_probe = now + WATCHDOG_PERIOD_S
                     self._watchdog()
-            except KeyboardInterrupt:
-                self.stop(StopInfo.of(StopReason.INTERRUPTED, "interrupted (Ctrl-C); VM stopped"))
-                return
-            except _Terminated:
-                self.stop(StopInfo.of(StopReason.TERMINATED, "terminated (SIGTERM); VM stopped"))
+            except KeyboardInterrupt:  # SIGINT while a caller's handler was in force (e.g. the debugger)
+                self.stop(_signal_stop(signal.SIGINT))
                 return
 
     def _watchdog(self) -> None:
@@ -373,6 +372,12 @@ class Machine:
             self.memory.close()
             if self._own_kvm:
                 self.kvm.close()
+
+
+def _signal_stop(sig: int) -> StopInfo:
+    if sig == signal.SIGTERM:
+        return StopInfo.of(StopReason.TERMINATED, "terminated (SIGTERM); VM stopped")
+    return StopInfo.of(StopReason.INTERRUPTED, "interrupted (Ctrl-C); VM stopped")
 
 
 def parse_size(text: str) -> int:

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from . import signals
 from .clock import Clock
 from .errors import TracevisorError
 from .hostio import Console, HostIO, LiveHostIO, RecordingHostIO
@@ -317,6 +318,7 @@ def build_record(config: SessionConfig, out: str | os.PathLike, *, compress: str
 
             live.net = open_backend(config.net)
         header = trace_header(config, host.image, machine, host.sandbox, host.argv, host.env)
+        signals.check()  # a deferred SIGINT/SIGTERM before the VM started: leave no trace file at all
         writer = TraceWriter(out, header, compress=compress, threadsafe=config.cpus > 1, max_bytes=max_bytes)
     except BaseException:
         live.close_all()
