@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import struct
-import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli, spawn_cli
 from tracevisor.trace import open_trace
 
 pytestmark = pytest.mark.kvm
@@ -112,16 +110,15 @@ def test_exit_count_and_dense_sequence(tmp_path, guests):
 
 def test_record_killed_leaves_readable_trace(tmp_path, guests):
     out = tmp_path / "killed.tvt"
-    p = subprocess.Popen([sys.executable, "-m", "tracevisor", "record", "-q", "-o", str(out),
-                          str(guests["compute"]), "1000000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with spawn_cli("record", "-q", "-o", str(out), str(guests["compute"]), "1000000") as p:
+        partial = tmp_path / f"killed.tvt.{p.pid}.partial"  # the recording's name until it ends
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 300_000):
+        while time.monotonic() < deadline and (not partial.exists() or partial.stat().st_size < 300_000):
             time.sleep(0.1)
-    finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    reader = open_trace(out)
+    assert not out.exists()  # the final name only ever holds a finished trace
+    reader = open_trace(partial)
     assert not reader.complete and reader.footer is None
     assert any("recovered" in w or "footer" in w for w in reader.warnings), reader.warnings
     seqs = [e["seq"] for e in reader.events()]
@@ -132,11 +129,10 @@ def test_record_killed_leaves_readable_trace(tmp_path, guests):
                                                (signal.SIGINT, 130, "interrupted")])
 def test_signal_finishes_chunk_and_footer(tmp_path, guests, sig, status, reason):
     out = tmp_path / "term.tvt"
-    p = subprocess.Popen([sys.executable, "-m", "tracevisor", "record", "-q", "-o", str(out),
-                          str(guests["compute"]), "1000000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(2.0)
-    p.send_signal(sig)
-    _, err = p.communicate(timeout=30)
+    with spawn_cli("record", "-q", "-o", str(out), str(guests["compute"]), "1000000") as p:
+        time.sleep(2.0)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
     assert p.returncode == status and b"Traceback" not in err
     reader = open_trace(out)
     assert reader.complete and reader.footer["stop"]["reason"] == reason
@@ -187,3 +183,31 @@ def test_dump_is_strace_like(tmp_path, guests):
     assert any("exit(0)" in ln for ln in lines)
     r = run_cli("dump", str(out), "--limit", "3")
     assert len(r.stdout.splitlines()) == 3
+
+
+def test_output_that_is_the_kernel_is_refused(tmp_path, guests):
+    k = tmp_path / "hello"
+    k.write_bytes(guests["hello"].read_bytes())
+    before = k.read_bytes()
+    r = run_cli("record", "-o", str(k), str(k))
+    assert r.returncode == 1 and b"is the kernel itself" in r.stderr and b"Traceback" not in r.stderr
+    r = run_cli("record", str(k), "-o", str(tmp_path / "." / "hello"))  # another spelling of the same file
+    assert r.returncode == 1 and b"is the kernel itself" in r.stderr
+    assert k.read_bytes() == before
+
+
+def test_two_recorders_to_one_output_never_mix(tmp_path, guests):
+    """Each recorder writes its own partial file and renames it whole: the result is one run, consistent."""
+    out = tmp_path / "same.tvt"
+    with spawn_cli("record", "-q", "--no-host-env", "-o", str(out), str(guests["compute"]), "3000") as a, \
+            spawn_cli("record", "-q", "--no-host-env", "-o", str(out), str(guests["compute"]), "2000") as b:
+        _, ea = a.communicate(timeout=120)
+        _, eb = b.communicate(timeout=120)
+    assert a.returncode == 0 and b.returncode == 0, (ea, eb)
+    reader = open_trace(out)
+    assert reader.complete and reader.warnings == []
+    n = reader.header["argv"][1]
+    assert reader.footer["events"] == len(list(reader.events()))
+    r = run_cli("replay", "-q", str(out))
+    assert r.returncode == 0 and b"replay verified" in r.stderr, (n, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.tvt"]  # no partial file left behind

@@ -17,6 +17,7 @@ import pytest
 
 from tracevisor.errors import TraceError
 from tracevisor.trace import TraceWriter, open_trace
+from tracevisor.trace.writer import partial_name
 
 REPO = Path(__file__).resolve().parents[1]
 MAGIC = b"\x89TVT\r\n\x1a\n"
@@ -36,6 +37,7 @@ def write_exits(path, n=5000, chunk_events=500, compress=None, footer=True, even
         w._thread.join()
         os.close(w._fd)
         w._closed = True
+        os.replace(w.partial_path, path)  # what a killed recorder leaves, under the final name
     return path
 
 
@@ -79,10 +81,11 @@ def test_sigkill_leaves_a_readable_trace(tmp_path):
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    partial = Path(partial_name(str(path), proc.pid))  # the recording's name until it is closed
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if path.exists() and path.stat().st_size > 20 * 64 * 27:
+            if partial.exists() and partial.stat().st_size > 20 * 64 * 27:
                 break
             time.sleep(0.01)
         else:
@@ -90,6 +93,8 @@ def test_sigkill_leaves_a_readable_trace(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert not path.exists()  # never a trace without footer under the final name
+    path = partial
     r = open_trace(path)
     assert r.footer is None and not r.complete
     assert len(r.warnings) == 1

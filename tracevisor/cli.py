@@ -242,6 +242,16 @@ def _hoist_record_options(argv: list[str]) -> list[str]:
     return head + hoisted + [kernel] + rest
 
 
+def _check_trace_output(output: str, kernel: str) -> None:
+    """Refuse an output that would destroy the kernel being recorded (``record -o K K``)."""
+    try:
+        same = os.path.samefile(output, kernel)
+    except OSError:  # either does not exist (yet): nothing to destroy
+        return
+    if same:
+        raise TracevisorError(f"-o {output} is the kernel itself; choose another trace file")
+
+
 def cmd_record(ns: argparse.Namespace) -> int:
     import time
 
@@ -250,6 +260,7 @@ def cmd_record(ns: argparse.Namespace) -> int:
     from .machine import parse_size
 
     max_bytes = parse_size(ns.max_trace_size) if ns.max_trace_size else None
+    _check_trace_output(ns.output, ns.kernel)
     config = session_config(ns)
     started = time.monotonic()
     with session.build_record(config, ns.output, compress=None if ns.compress == "none" else ns.compress,

@@ -20,6 +20,7 @@ import atexit
 import functools
 import os
 import queue
+import stat
 import threading
 import time
 import weakref
@@ -101,6 +102,52 @@ def _close_at_exit(ref: weakref.ref[TraceWriter]) -> None:
             pass
 
 
+def partial_name(path: str, pid: int | None = None) -> str:
+    """Where a recording to ``path`` is written until it is closed: ``PATH.PID.partial`` (next to it, so the
+    final rename stays on one file system)."""
+    return f"{path}.{os.getpid() if pid is None else pid}.partial"
+
+
+def _create(path: str) -> tuple[int, str | None]:
+    """Open the file the writer writes: (fd, partial path), or (fd, None) when ``path`` is written directly.
+
+    A trace is written to :func:`partial_name` and renamed to ``path`` when it is closed, so that readers never
+    see a trace without its footer under the final name, two recorders to one path cannot mix their frames,
+    and a killed recorder leaves a readable ``.partial`` file that says what it is.  An existing ``path`` that
+    is not a regular file (``/dev/null``, a FIFO) is written directly: it cannot be replaced by a rename."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise TraceError(f"cannot create trace {path}: {e.strerror}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise TraceError(f"cannot create trace {path}: it is a directory")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        try:
+            return os.open(path, flags | os.O_TRUNC), None
+        except OSError as e:
+            raise TraceError(f"cannot create trace {path}: {e.strerror}") from None
+    base = partial_name(path)
+    for n in range(1000):
+        tmp = base if n == 0 else f"{base[:-len('.partial')]}-{n}.partial"
+        try:
+            return os.open(tmp, flags | os.O_EXCL, 0o644), tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise TraceError(f"cannot create trace {path}: {e.strerror}") from None
+    raise TraceError(f"cannot create trace {path}: too many {base} files exist")
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _utc_iso(ns: int) -> str:
     dt = datetime.fromtimestamp(ns / 1e9, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
@@ -171,14 +218,13 @@ class TraceWriter:
             raise TracevisorError(f"trace header cannot be encoded: {e}") from None
         self.header = hdr
 
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as e:
-            raise TraceError(f"cannot create trace {self.path}: {e.strerror}") from None
+        self._fd, self.partial_path = _create(self.path)
         try:
             _write_all(self._fd, [MAGIC, frame_header(FRAME_HEADER_TYPE, 0, hdr_payload), hdr_payload])
         except OSError as e:
             os.close(self._fd)
+            if self.partial_path is not None:
+                _unlink_quietly(self.partial_path)
             raise TraceError(f"cannot write trace {self.path}: {e.strerror}") from None
         self.t0_ns = time.monotonic_ns()
 
@@ -378,7 +424,8 @@ class TraceWriter:
     def _raise_error(self) -> None:
         e = self._error
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise TraceError(f"cannot write trace {self.path}: {msg}")
+        kept = f" (the chunks written so far are in {self.partial_path})" if self.partial_path else ""
+        raise TraceError(f"cannot write trace {self.path}: {msg}{kept}")
 
     # ------------------------------------------------------------------------------------------------
     # background thread
@@ -500,12 +547,14 @@ class TraceWriter:
                         schema.validate_event({"k": "stop", "seq": 0, "cpu": cpu, "t": t or 0, **fields})
                     TraceWriter.event(self, "stop", cpu, self.now() if t is None else t, **fields)
                 self._flush_final()
-                return self._write_footer()
+                summary = self._write_footer()
             finally:
                 try:
                     os.close(self._fd)
                 except OSError:
                     pass
+            self._publish()
+            return summary
         finally:
             if lock is not None:
                 lock.release()
@@ -520,6 +569,18 @@ class TraceWriter:
             self._thread.join()
         if self._error is not None:
             self._raise_error()
+
+    def _publish(self) -> None:
+        """Rename the finished partial file to the trace's path (atomic: the path holds either the old
+        file or the whole new trace)."""
+        if self.partial_path is None:
+            return
+        try:
+            os.replace(self.partial_path, self.path)
+        except OSError as e:
+            raise TraceError(f"cannot rename the finished trace {self.partial_path} to {self.path}: "
+                             f"{e.strerror}") from None
+        self.partial_path = None
 
     def _write_footer(self) -> dict:
         footer = {
