@@ -211,3 +211,27 @@ def test_two_recorders_to_one_output_never_mix(tmp_path, guests):
     r = run_cli("replay", "-q", str(out))
     assert r.returncode == 0 and b"replay verified" in r.stderr, (n, r.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["same.tvt"]  # no partial file left behind
+
+
+def test_max_trace_size_crossed_by_the_last_chunk_is_trace_full(tmp_path, guests):
+    """hello fits in one chunk: with a 4K limit its only chunk does not fit; the run must say so."""
+    out = tmp_path / "small.tvt"
+    r = run_cli("record", "-q", "--no-host-env", "--max-trace-size", "4K", "-o", str(out), str(guests["hello"]))
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "Traceback" not in err, err
+    assert "the trace reached --max-trace-size (4K)" in err and "exited with code 0" in err, err
+    reader = open_trace(out)
+    assert reader.complete and reader.footer["stop"]["reason"] == "trace-full"
+    assert reader.footer["dropped"] > 0 and out.stat().st_size <= 4096 + 1024
+    assert reader.footer["events"] > 1  # what fits is stored, not just the stop event
+
+
+def test_max_trace_size_is_filled_not_checked_per_chunk(tmp_path, guests):
+    out = tmp_path / "c.tvt"
+    r = run_cli("record", "-q", "--no-host-env", "--max-trace-size", "64K", "-o", str(out),
+                str(guests["compute"]), "100000")
+    assert r.returncode == 1 and b"--max-trace-size (64K)" in r.stderr, r.stderr
+    reader = open_trace(out)
+    assert reader.footer["stop"]["reason"] == "trace-full"
+    assert reader.footer["bytes"] <= 64 * 1024 + 2048  # only the stop event's chunk may pass the limit
+    assert reader.footer["events"] > 1500  # ~27 B per exit: most of 64K holds events

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress", choices=["none", "zstd"], default="none",
                    help="compress each chunk with zstd (needs the 'zstandard' package)")
     p.add_argument("--max-trace-size", default=None, metavar="SIZE",
-                   help="stop the run cleanly (footer written) once the trace reaches SIZE, e.g. 1G")
+                   help="stop the run cleanly (footer written) once the trace reaches SIZE, e.g. 1G; the run then "
+                        "ends with stop reason trace-full and status 1")
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo the guest's console output")
     add_vm_options(p)
     p.set_defaults(func=cmd_record)

@@ -207,7 +207,11 @@ class Session:
             self.hostio.close_all()
         return self._finish(info)
 
+    max_bytes_text: str | None = None  # a recording's --max-trace-size, as given
+
     def _finish(self, info: StopInfo) -> StopInfo:
+        if self.writer is not None and self.max_bytes_text is not None:
+            info = _trace_full_stop(info, self.writer, self.max_bytes_text)
         self.info = info
         if self.writer is not None:
             stop = info.as_dict()
@@ -330,7 +334,23 @@ def build_record(config: SessionConfig, out: str | os.PathLike, *, compress: str
         lambda: StopInfo.of(StopReason.TRACE_FULL, f"the trace reached --max-trace-size ({limit}); "
                             "recording stopped") if writer.full else None)
     hostio = RecordingHostIO(live, writer, clock.now)
-    return Session(config, host.image, machine, hostio, sink=writer, clock=clock, live=live, writer=writer)
+    session = Session(config, host.image, machine, hostio, sink=writer, clock=clock, live=live, writer=writer)
+    if max_bytes is not None:
+        session.max_bytes_text = limit
+    return session
+
+
+def _trace_full_stop(info: StopInfo, writer, limit: str) -> StopInfo:
+    """The stop to record and report: a guest that exited after the trace reached --max-trace-size (its
+    last events did not fit) ends with reason trace-full and status 1, not as a clean exit."""
+    writer.drain()  # the last chunk is written or dropped now: the count of dropped events is final
+    dropped = writer.stats["dropped"]
+    if not dropped or info.reason != StopReason.EXIT:
+        return info
+    return StopInfo.of(StopReason.TRACE_FULL,
+                       f"the trace reached --max-trace-size ({limit}); recording stopped ({dropped} "
+                       f"event{'s' if dropped != 1 else ''} not stored; the guest exited with code {info.code})",
+                       cpu=info.cpu)
 
 
 def replay_kernel(header: dict, path: str, kernel: str | None = None, force: bool = False) -> tuple[SessionConfig, KernelImage]:

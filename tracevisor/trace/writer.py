@@ -52,6 +52,7 @@ _BATCH_MAX = 16  # chunks written with one system call, at most
 _QUEUE_DEPTH = 64  # chunks waiting for the background thread before exit()/event() block (bounds memory)
 _EVENT_OVERHEAD = 32  # estimated encoded bytes of a rich event besides its fields
 _FIELD_OVERHEAD = 12  # estimated encoded bytes of a non-binary field
+_CHUNK_OVERHEAD = 64  # frame header plus the chunk map's keys and lengths, rounded up
 
 
 def _write_all(fd: int, parts: list[bytes]) -> None:
@@ -229,6 +230,12 @@ class TraceWriter:
         self.t0_ns = time.monotonic_ns()
 
         # --- caller-side state (hot path) -------------------------------------------------------------
+        # With max_bytes, the caller cuts chunks so that their estimated frames fit what is left of the
+        # limit: the limit is kept to within an estimate, not to within a whole chunk.
+        self._budget = None if max_bytes is None else max_bytes - (len(MAGIC) + schema.FRAME_HEADER_SIZE
+                                                                   + len(hdr_payload))
+        self._spent = False  # the caller's estimate says the limit is reached
+        self._cap = chunk_bytes  # byte capacity of the chunk being filled (rows + estimated events)
         self._limit_rows = min(chunk_events, -(-chunk_bytes // _ROW))
         self._buf = bytearray((self._limit_rows + 1) * _ROW)
         self._mv = memoryview(self._buf)
@@ -297,7 +304,7 @@ class TraceWriter:
     def event(self, kind: str, vcpu: int, t_ns: int, **fields: Any) -> int:
         """Record one rich event of ``kind`` (see schema.KINDS) with its fields; returns its seq."""
         seq = self._seq
-        if self._full and kind != "stop":
+        if (self._full or self._spent) and kind != "stop":
             self._seq = seq + 1
             self._dropped_caller += 1
             return seq
@@ -318,9 +325,12 @@ class TraceWriter:
             for key, value in fields.items():
                 if type(value) in _BIN_TYPES:
                     ev[key] = bytes(value)
-        if est >= self.chunk_bytes and (self._events or self._off):
+        if (est >= self.chunk_bytes or (self._budget is not None and self._off + self._ev_bytes + est > self._cap)) \
+                and (self._events or self._off):
             # An event as big as a whole chunk gets a chunk of its own: two huge ones (a 2 GiB WRITE's console
-            # event and its hypercall) together could exceed the 4 GiB frame limit.
+            # event and its hypercall) together could exceed the 4 GiB frame limit.  Under max_bytes, an event
+            # that would overflow what is left of the limit goes to a chunk of its own, so that the events
+            # before it are stored.
             self._flush()
         events = self._events
         events.append(ev)
@@ -330,8 +340,8 @@ class TraceWriter:
         eb = self._ev_bytes + est
         self._ev_bytes = eb
         lim = (self.chunk_events - len(events)) * _ROW
-        if self.chunk_bytes - eb < lim:
-            lim = self.chunk_bytes - eb
+        if self._cap - eb < lim:
+            lim = self._cap - eb
         self._lim = lim
         if self._off >= lim:
             self._flush()
@@ -390,7 +400,16 @@ class TraceWriter:
     # ------------------------------------------------------------------------------------------------
 
     def _full_limit(self) -> int:
-        return min(self.chunk_events * _ROW, self.chunk_bytes, self._limit_rows * _ROW)
+        """Where to cut the next chunk (byte offset in the row buffer); sets :attr:`_cap`."""
+        cap = self.chunk_bytes
+        if self._budget is not None and not self._spent:
+            room = self._budget - _CHUNK_OVERHEAD
+            if room < _ROW:  # not even one more exit fits: the limit is reached
+                self._spent = True
+            else:
+                cap = min(cap, room)
+        self._cap = cap
+        return min(self.chunk_events * _ROW, cap, self._limit_rows * _ROW)
 
     def _flush(self) -> None:
         """Hand the chunk being filled to the background thread and start a new one."""
@@ -398,10 +417,14 @@ class TraceWriter:
         n = self._seq - seq0
         off = self._off
         events = self._events
+        ev_bytes = self._ev_bytes
         self._off = 0
         self._seq0 = self._seq
         self._events = []
         self._ev_bytes = 0
+        spent = self._spent
+        if self._budget is not None and n and not spent:
+            self._budget -= _CHUNK_OVERHEAD + off + ev_bytes
         self._lim = self._full_limit()
         if self._error is not None:
             self._raise_error()
@@ -411,7 +434,7 @@ class TraceWriter:
             self._dropped_caller += n
             return
         self._n_exits += off // _ROW
-        if self._full:
+        if self._full or spent:
             # Everything is dropped except stop events (the background thread renumbers those).
             # (event() already counted the events it refused; they are not in ``events``.)
             stops = [ev for ev in events if ev["k"] == "stop"]
@@ -443,10 +466,14 @@ class TraceWriter:
                 except queue.Empty:
                     break
             done = False
+            synced: list[threading.Event] = []
             for item in batch:
                 if item is None:
                     done = True
                     break
+                if isinstance(item, threading.Event):  # drain(): set once what came before is written
+                    synced.append(item)
+                    continue
                 if self._error is None:
                     try:
                         self._write_chunk(*item)
@@ -458,6 +485,8 @@ class TraceWriter:
                     _write_all(self._fd, parts)
                 except BaseException as e:
                     self._error = e
+            for ev in synced:
+                ev.set()
             if done:
                 return
 
@@ -507,7 +536,27 @@ class TraceWriter:
     @property
     def full(self) -> bool:
         """True once ``max_bytes`` was reached; the caller should stop the run (close() still works)."""
-        return self._full
+        return self._full or self._spent
+
+    def drain(self) -> None:
+        """Hand over the chunk being filled and wait until the background thread has written (or, past
+        ``max_bytes``, dropped) everything recorded so far: afterwards :attr:`full` and ``stats["dropped"]``
+        are final for what was recorded up to now (the recorder decides its stop reason from them)."""
+        if self._closed or self._shut:
+            return
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            self._flush()
+            done = threading.Event()
+            self._queue.put(done)
+        finally:
+            if lock is not None:
+                lock.release()
+        done.wait()
+        if self._error is not None:
+            self._raise_error()
 
     @property
     def stats(self) -> dict:
