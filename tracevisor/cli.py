@@ -22,7 +22,7 @@ def _env_default(name: str, fallback: str) -> str:
     return os.environ.get(name, fallback)
 
 
-def add_vm_options(p: argparse.ArgumentParser) -> None:
+def add_vm_options(p: argparse.ArgumentParser, record: bool = False) -> None:
     """The options of `run` (shared by `record`), mirroring uhyve 0.2.1."""
     p.add_argument("-v", "--verbose", action="store_true",
                    help="give the kernel the serial port 0x800 for its log (as uhyve -v) and print "
@@ -36,10 +36,18 @@ def add_vm_options(p: argparse.ArgumentParser) -> None:
                    help="make a host directory visible to the guest at GUESTDIR (default /, so relative "
                         "guest paths resolve inside it); repeatable; ':ro' refuses writes. Without a "
                         "mount the guest sees no host file. Paths cannot escape with '..' or symlinks")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="add an environment variable for the guest (repeatable)")
-    p.add_argument("--no-host-env", action="store_true",
-                   help="do not pass the host's environment to the guest (uhyve passes all of it)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE|KEY",
+                   help="add an environment variable for the guest; a bare KEY copies the host's value "
+                        "(repeatable)")
+    if record:
+        p.add_argument("--host-env", action="store_true",
+                       help="pass the host's whole environment to the guest, as `run` and uhyve do. By "
+                            "default `record` passes none: the guest's environment is stored in the trace, "
+                            "and traces get shared (tokens and keys live in environments)")
+        p.add_argument("--no-host-env", action="store_true", help=argparse.SUPPRESS)  # the default
+    else:
+        p.add_argument("--no-host-env", action="store_true",
+                       help="do not pass the host's environment to the guest (uhyve passes all of it)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop the VM after this many seconds (exit status 124)")
     p.add_argument("--pit", action="store_true", help="create KVM's in-kernel PIT (as uhyve --pit)")
@@ -84,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the run cleanly (footer written) once the trace reaches SIZE, e.g. 1G; the run then "
                         "ends with stop reason trace-full and status 1")
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo the guest's console output")
-    add_vm_options(p)
+    add_vm_options(p, record=True)
     p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("replay", help="re-execute a trace under KVM and check it against the recording",
@@ -176,9 +184,16 @@ def session_config(ns: argparse.Namespace):
     from .session import SessionConfig
 
     return SessionConfig(kernel=ns.kernel, args=list(ns.args), memory=parse_size(ns.memory), cpus=ns.cpus,
-                         mounts=list(ns.mount), env=list(ns.env), host_env=not ns.no_host_env,
+                         mounts=list(ns.mount), env=list(ns.env), host_env=_passes_host_env(ns),
                          verbose=ns.verbose, pit=ns.pit, timeout=ns.timeout, net=getattr(ns, "net", None),
                          quiet=getattr(ns, "quiet", False))
+
+
+def _passes_host_env(ns: argparse.Namespace) -> bool:
+    """`run` passes the host environment unless --no-host-env (as uhyve); `record` only with --host-env."""
+    if ns.no_host_env:
+        return False
+    return bool(getattr(ns, "host_env", True))
 
 
 def finish(info, verbose_log=None) -> int:
@@ -263,6 +278,9 @@ def cmd_record(ns: argparse.Namespace) -> int:
     max_bytes = parse_size(ns.max_trace_size) if ns.max_trace_size else None
     _check_trace_output(ns.output, ns.kernel)
     config = session_config(ns)
+    if not (ns.host_env or ns.no_host_env or ns.env) and os.environb:  # said once, unless a choice was made
+        print("tracevisor: note: record passes no host environment to the guest (it would be stored in the "
+              "trace); use --env NAME for variables the guest needs, --host-env for all", file=sys.stderr)
     started = time.monotonic()
     with session.build_record(config, ns.output, compress=None if ns.compress == "none" else ns.compress,
                               max_bytes=max_bytes, max_bytes_text=ns.max_trace_size) as s:

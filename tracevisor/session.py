@@ -96,18 +96,27 @@ class SessionConfig:
             raise TracevisorError(f"--timeout {self.timeout}: must be a positive number of seconds")
 
     def guest_argv(self) -> list[bytes]:
-        argv = [a.encode("utf-8", "surrogateescape") for a in [self.kernel, *self.args]]
+        argv = [os.fsencode(a) for a in [self.kernel, *self.args]]  # the bytes the host gave us
         if len(argv) > MAX_GUEST_ARGS + 1:
             raise TracevisorError(f"too many guest arguments ({len(argv) - 1}); the ABI allows {MAX_GUEST_ARGS}")
         return argv
 
     def guest_env(self, warn: Callable[[str], None] = _warn) -> list[bytes]:
+        """The guest's environment as ``KEY=VALUE`` byte strings: the host's (with ``host_env``), then every
+        ``env`` entry: ``KEY=VALUE`` sets a value, a bare ``KEY`` copies the host's.  Bytes are kept as the
+        host has them (a variable that is not UTF-8 passes unchanged)."""
+        env: dict[bytes, bytes] = dict(os.environb) if self.host_env else {}
         for e in self.env:
-            if "=" not in e or e.startswith("="):
-                raise TracevisorError(f"bad --env {e!r}: expected KEY=VALUE")
-        env: dict[str, str] = dict(os.environ) if self.host_env else {}
-        env.update(e.split("=", 1) for e in self.env)
-        out = [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items()]
+            key, eq, value = os.fsencode(e).partition(b"=")
+            if not key:
+                raise TracevisorError(f"bad --env {e!r}: expected KEY=VALUE or KEY")
+            if not eq:
+                if key not in os.environb:
+                    warn(f"--env {e}: not set in the host environment; not passed")
+                    continue
+                value = os.environb[key]
+            env[key] = value
+        out = [k + b"=" + v for k, v in env.items()]
         if len(out) > MAX_GUEST_ENV:
             warn(f"the guest gets only the first {MAX_GUEST_ENV} of {len(out)} environment variables "
                  "(the CMDSIZE limit)")
@@ -122,15 +131,18 @@ def trace_header(config: SessionConfig, image: KernelImage, machine: Machine, sa
     """The recorder's header (the fields docs/trace-format.md lists); :func:`config_from_header` reads
     it back."""
     from .kvm import uapi as U
+    from .trace.schema import host_text
 
     desc = machine.describe()
+    mounts = [{k: host_text(v) if k in ("host", "guest") and isinstance(v, str) else v for k, v in m.items()}
+              for m in sandbox.describe()]
     return {
-        "kernel": {"path": os.path.abspath(image.path), "sha256": image.sha256, "size": image.file_size,
-                   "entry_version": image.entry_version, "pie": image.pie},
+        "kernel": {"path": host_text(os.path.abspath(image.path)), "sha256": image.sha256,
+                   "size": image.file_size, "entry_version": image.entry_version, "pie": image.pie},
         "memory": config.memory, "cpus": config.cpus,
-        "argv": [a.decode("utf-8", "surrogateescape") for a in argv],
-        "env": [e.decode("utf-8", "surrogateescape") for e in env],
-        "mounts": sandbox.describe(),
+        "argv": [host_text(a) for a in argv],  # byte-faithful: bin where not UTF-8
+        "env": [host_text(e) for e in env],
+        "mounts": mounts,
         "cpuid": desc["cpuid"],
         "host": {"uname": " ".join(platform.uname()), "kvm_api": U.KVM_API_VERSION,
                  "python": platform.python_version(), "tsc_khz": desc["tsc_khz"],
@@ -146,15 +158,17 @@ def trace_header(config: SessionConfig, image: KernelImage, machine: Machine, sa
 def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig:
     """The configuration a trace was recorded with (``kernel`` overrides the recorded path).  The guest
     sees the recorded CPUID table, machine size, options and command line."""
+    from .trace.schema import host_str
+
     kinfo = header.get("kernel") or {}
     opts = header.get("options") or {}
-    argv = [str(a) for a in header.get("argv") or []]
-    mounts = [f"{m['host']}:{m['guest']}" + (":ro" if m.get("ro") else "")
+    argv = [host_str(a) for a in header.get("argv") or []]  # bin (not UTF-8) back to the host's bytes
+    mounts = [f"{host_str(m['host'])}:{host_str(m['guest'])}" + (":ro" if m.get("ro") else "")
               for m in header.get("mounts") or [] if isinstance(m, dict) and "host" in m and "guest" in m]
     determinism = header.get("determinism") or {}
     return SessionConfig(
-        kernel=kernel or kinfo.get("path") or "", args=argv[1:], memory=int(header["memory"]),
-        cpus=int(header["cpus"]), mounts=mounts, env=[str(e) for e in header.get("env") or []],
+        kernel=kernel or host_str(kinfo.get("path") or ""), args=argv[1:], memory=int(header["memory"]),
+        cpus=int(header["cpus"]), mounts=mounts, env=[host_str(e) for e in header.get("env") or []],
         verbose=bool(opts.get("verbose")), pit=bool(opts.get("pit")), timeout=opts.get("timeout"),
         net=opts.get("net"), hide_rdrand=bool(determinism.get("rdrand_hidden", True)),
         stagger_s=float(opts.get("stagger_s", AP_STAGGER_S)), cpuid_rows=header.get("cpuid"))

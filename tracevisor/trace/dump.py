@@ -243,6 +243,13 @@ def _totals(reader: TraceReader) -> dict:
             "chunks": len(reader.chunk_index)}
 
 
+def _shown(v: object) -> str:
+    """A header string for a terminal: bytes that are not UTF-8 (stored as bin) with backslash escapes."""
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).decode("utf-8", "backslashreplace")
+    return str(v)
+
+
 def info_text(reader: TraceReader) -> str:
     """A multi-line summary: header fields, totals, exits by reason, warnings."""
     h = reader.header
@@ -259,14 +266,14 @@ def info_text(reader: TraceReader) -> str:
     kernel = h.get("kernel")
     if isinstance(kernel, Mapping):
         sha = str(kernel.get("sha256", ""))
-        row("kernel", f"{kernel.get('path', '?')} ({kernel.get('size', '?')} bytes, sha256 {sha[:16]}...)")
+        row("kernel", f"{_shown(kernel.get('path', '?'))} ({kernel.get('size', '?')} bytes, sha256 {sha[:16]}...)")
     if "memory" in h or "cpus" in h:
         mem = h.get("memory")
         mem_text = f"{mem // (1 << 20)} MiB" if isinstance(mem, int) else "?"
         row("machine", f"{mem_text} RAM, {h.get('cpus', '?')} vCPU(s)")
     for key in ("argv",):
         if key in h:
-            row(key, " ".join(map(str, h[key])) if isinstance(h[key], list) else h[key])
+            row(key, " ".join(map(_shown, h[key])) if isinstance(h[key], list) else _shown(h[key]))
     if isinstance(h.get("env"), list):
         row("env", f"{len(h['env'])} entries")
     if isinstance(h.get("mounts"), list) and h["mounts"]:

@@ -13,6 +13,7 @@ everything else is rare, varied and benefits from self-describing, extensible ma
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -342,12 +343,12 @@ HEADER_FIELDS: tuple[Field, ...] = (
     Field("created", "str", "wall-clock start, ISO 8601 UTC, e.g. `2025-03-01T12:00:00.123456Z` (writer fills it when absent)"),
     Field("created_ns", "int", "the same instant as ns since the Unix epoch (writer fills it when absent)"),
     Field("compression", "str|nil", "\"zstd\" when the writer compressed chunks, else nil (writer fills it)"),
-    Field("kernel", "map", "`{path: str, sha256: str (hex), size: int, entry_version: int|nil, pie: bool}` of the "
+    Field("kernel", "map", "`{path: str or bin, sha256: str (hex), size: int, entry_version: int|nil, pie: bool}` of the "
                            "guest image (entry_version: the Hermit note's boot-info version, nil for a plain ELF)"),
     Field("memory", "int", "guest RAM in bytes"),
     Field("cpus", "int", "number of vCPUs"),
-    Field("argv", "list", "guest argument strings (argv[0] first)"),
-    Field("env", "list", "guest environment strings \"K=V\""),
+    Field("argv", "list", "guest arguments (argv[0] first): str, or bin where the bytes are not UTF-8"),
+    Field("env", "list", "guest environment entries \"K=V\": str, or bin where the bytes are not UTF-8"),
     Field("mounts", "list", "list of maps describing host directories visible to the guest"),
     Field("cpuid", "list", "CPUID entries given to the guest: [function, index, flags, eax, ebx, ecx, edx]"),
     Field("host", "map", "`{uname: str, kvm_api: int, python: str, tsc_khz: int, irqchip: bool, caps: map}` "
@@ -448,6 +449,25 @@ def validate_exit(vcpu: int, t_ns: int, reason: int, rip: int, port: int, direct
             raise ValueError(f"exit field {name}={v!r} does not fit an unsigned {bits}-bit field")
     if direction not in (DIR_IN, DIR_OUT):
         raise ValueError(f"exit direction {direction} is neither 0 (in) nor 1 (out)")
+
+
+def host_text(value: bytes | str) -> str | bytes:
+    """A host string (path, argument, environment entry) as the trace stores it: ``str`` when its bytes are
+    UTF-8, else the bytes themselves (msgpack bin).  A ``str`` from the OS may carry surrogate escapes (a
+    non-UTF-8 file name); those go back to their original bytes first.  Nothing is lost or refused."""
+    raw = os.fsencode(value) if isinstance(value, str) else bytes(value)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
+def host_str(value: Any) -> str:
+    """The inverse for use on the host: a stored ``str`` or bin as a ``str`` for ``open``/``os.*`` (bytes
+    that are not UTF-8 become surrogate escapes, which the OS turns back into the same bytes)."""
+    if isinstance(value, (bytes, bytearray)):
+        return os.fsdecode(bytes(value))
+    return str(value)
 
 
 def validate_header(header: Mapping[str, Any]) -> None:
