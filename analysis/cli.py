@@ -80,7 +80,7 @@ def diff_main(ns) -> int:
         return 2
     _warn(a)
     _warn(b)
-    d = diff(a, b, ignore=tuple(ns.ignore or ()))
+    d = diff(a, b, ignore=tuple(ns.ignore or ()), ignore_host=getattr(ns, "ignore_host", False))
     if ns.json:
         import json
 

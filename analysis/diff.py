@@ -4,7 +4,7 @@ The traces are compared per vCPU, event by event in seq order (as replay compare
 exits by their fields (reason, rip, port, dir, size, value) and the rich events ``hypercall``, ``hostio``,
 ``console``, ``mmio``, ``vcpu``, ``virtio``, ``net`` and ``stop`` by every field except timing and numbering
 (``t``, ``t_end``, ``seq``, ``cpu``), the wall-clock answer of ``hostio boot_time`` and the stop's register
-``report``.  Exits are compared as numpy columns; only rich events are compared one by one.
+``report`` (with ``ignore_host``, also the host's TSC frequency, ``hostio cpu_freq``).  Exits are compared as numpy columns; only rich events are compared one by one.
 
 The first difference is the earliest (by seq in ``a``) over all vCPUs.  The summary compares hypercall counts
 and bytes per call, exit counts per reason, console output and the header fields that define the run
@@ -31,10 +31,17 @@ IGNORED_FIELDS = frozenset({"seq", "t", "t_end", "cpu"})
 HEADER_COMPARED = ("kernel.sha256", "argv", "env", "cpus", "memory")
 
 
+#: ``hostio`` answers that describe the host rather than the run: the same guest recorded on another machine
+#: gets another TSC frequency.  ``diff(..., ignore_host=True)`` (``tracevisor diff --ignore-host``) skips
+#: them; the boot time (wall clock) is never compared.
+HOST_FACTS = frozenset({"cpu_freq"})
+IGNORE_HOST = "<host>"  # the marker diff() adds to ``ignore`` for ignore_host=True
+
+
 def _normalized(ev: dict, ignore: frozenset[str]) -> dict:
     d = {k: v for k, v in ev.items() if k not in ignore}
     kind = ev.get("k")
-    if kind == "hostio" and ev.get("op") == "boot_time":
+    if kind == "hostio" and (ev.get("op") == "boot_time" or (IGNORE_HOST in ignore and ev.get("op") in HOST_FACTS)):
         d.pop("ret", None)
     elif kind == "stop":
         d.pop("report", None)
@@ -301,9 +308,13 @@ def _per_reason(a: Trace, b: Trace) -> pd.DataFrame:
     return out[["reason", "count_a", "count_b", "count_diff"]]
 
 
-def diff(a: Trace | str | os.PathLike, b: Trace | str | os.PathLike, ignore: tuple[str, ...] = ()) -> TraceDiff:
+def diff(a: Trace | str | os.PathLike, b: Trace | str | os.PathLike, ignore: tuple[str, ...] = (),
+         ignore_host: bool = False) -> TraceDiff:
     """Compare two traces (paths or loaded traces); ``ignore`` names more event fields not to compare (exit
-    fields too: reason, rip, port, dir, size, value)."""
+    fields too: reason, rip, port, dir, size, value).  ``ignore_host`` also skips the answers that are facts
+    of the recording host (:data:`HOST_FACTS`: the TSC frequency), to compare runs from different machines."""
+    if ignore_host:
+        ignore = (*ignore, IGNORE_HOST)
     ta, tb = as_trace(a), as_trace(b)
     for tr in (ta, tb):
         if not tr.has_events:

@@ -524,6 +524,38 @@ def test_diff_ignore_applies_to_exit_fields_too():
     assert r.returncode == 1 and b"seq 4 (hostio)" in r.stdout
 
 
+def _with_cpu_freq(src: Path, dst: Path, khz: int) -> Path:
+    """A copy of a sample recorded as if on a host with another TSC frequency."""
+    r = open_trace(src)
+    events = list(r.events())
+    w = TraceWriter(dst, dict(r.header))
+    for ev in events:
+        if ev["k"] == "exit":
+            w.exit(ev["cpu"], ev["t"], ev["reason"], ev["rip"], ev["port"], ev["dir"], ev["size"], ev["value"])
+        elif ev["k"] != "stop":
+            fields = {k: v for k, v in ev.items() if k not in ("k", "seq", "cpu", "t")}
+            if ev["k"] == "hostio" and ev["op"] == "cpu_freq":
+                fields["ret"] = khz
+            w.event(ev["k"], ev["cpu"], ev["t"], **fields)
+    stop = [ev for ev in events if ev["k"] == "stop"][-1]
+    w.close({k: v for k, v in stop.items() if k not in ("k", "seq")})
+    return dst
+
+
+def test_diff_can_ignore_host_facts(tmp_path):
+    """The same run recorded on two hosts differs only in the host's TSC frequency: --ignore-host."""
+    here = _with_cpu_freq(sample("hello"), tmp_path / "here.tvt", 2_445_000)
+    there = _with_cpu_freq(sample("hello"), tmp_path / "there.tvt", 2_599_000)
+    d = analysis.diff(here, there)
+    assert not d.identical and list(d.fields[d.fields.differs].field) == ["ret"]
+    assert analysis.diff(here, there, ignore_host=True).identical
+    assert run_cli("diff", "-q", str(here), str(there)).returncode == 1
+    r = run_cli("diff", "--ignore-host", str(here), str(there))
+    assert r.returncode == 0 and b"no difference" in r.stdout, r.stdout
+    # ignore_host ignores only host facts: a different run still differs
+    assert not analysis.diff(sample("compute"), sample("compute-100"), ignore_host=True).identical
+
+
 def test_diff_trouble_is_status_2(tmp_path):
     r = run_cli("diff", str(sample("hello")), str(tmp_path / "missing.tvt"))
     assert r.returncode == 2 and b"missing.tvt" in r.stderr

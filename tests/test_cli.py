@@ -75,3 +75,17 @@ def test_max_trace_size_must_be_positive(tmp_path):
     r = run_cli("record", "--max-trace-size", "0", "-o", str(tmp_path / "t.tvt"), str(tmp_path / "no-such-kernel"))
     assert r.returncode == 1 and b"bad size '0': must be positive" in r.stderr, r.stderr
     assert not (tmp_path / "t.tvt").exists()
+
+
+@pytest.mark.parametrize("var,value", [("HERMIT_CPU_COUNT", "abc"), ("HERMIT_MEMORY_SIZE", "lots")])
+def test_a_bad_hermit_variable_is_one_error_line_not_a_broken_parser(var, value):
+    env = {var: value}
+    for args in (["--help"], ["run", "--help"], ["info", "--help"], ["examples"]):
+        r = run_cli(*args, env=env)
+        assert r.returncode == 0 and b"Traceback" not in r.stderr, (args, r.stderr)
+    for cmd in ("run", "record"):
+        r = run_cli(cmd, "no-such-kernel", env=env)
+        assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr
+        assert r.stderr.decode().count("\n") == 1 and f"{var}={value!r}".encode() in r.stderr, r.stderr
+    r = run_cli("run", "-c", "1", "-m", "64M", "no-such-kernel", env=env)  # explicit options win
+    assert var.encode() not in r.stderr and b"no-such-kernel" in r.stderr

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from helpers import run_cli
 
+from helpers import run_cli
 from tracevisor.trace import open_trace
 
 pytestmark = pytest.mark.kvm

@@ -22,15 +22,36 @@ def _env_default(name: str, fallback: str) -> str:
     return os.environ.get(name, fallback)
 
 
+def apply_env_defaults(ns: argparse.Namespace) -> None:
+    """Fill -m/-c from HERMIT_MEMORY_SIZE/HERMIT_CPU_COUNT when not given (uhyve's variables).  Done after
+    parsing, not while the parser is built: a bad value is one error line naming the variable, and never
+    breaks `--help` or other subcommands."""
+    from .machine import parse_size
+
+    if ns.memory is None:
+        text = _env_default("HERMIT_MEMORY_SIZE", "64M")
+        try:
+            parse_size(text)
+        except TracevisorError as e:
+            raise TracevisorError(f"HERMIT_MEMORY_SIZE={text!r}: {e}") from None
+        ns.memory = text
+    if ns.cpus is None:
+        text = _env_default("HERMIT_CPU_COUNT", "1")
+        try:
+            ns.cpus = int(text.strip(), 10)
+        except ValueError:
+            raise TracevisorError(f"HERMIT_CPU_COUNT={text!r} is not a number of vCPUs") from None
+
+
 def add_vm_options(p: argparse.ArgumentParser, record: bool = False) -> None:
     """The options of `run` (shared by `record`), mirroring uhyve 0.2.1."""
     p.add_argument("-v", "--verbose", action="store_true",
                    help="give the kernel the serial port 0x800 for its log (as uhyve -v) and print "
                         "tracevisor's own notes (refused file requests, unknown ports) to stderr")
-    p.add_argument("-m", "--memory", default=_env_default("HERMIT_MEMORY_SIZE", "64M"), metavar="SIZE",
+    p.add_argument("-m", "--memory", default=None, metavar="SIZE",
                    help="guest RAM, e.g. 64M, 256MiB, 1G (binary units; 16M to 3328M; default 64M; "
                         "env HERMIT_MEMORY_SIZE)")
-    p.add_argument("-c", "--cpus", type=int, default=int(_env_default("HERMIT_CPU_COUNT", "1")),
+    p.add_argument("-c", "--cpus", type=int, default=None,
                    metavar="N", help="number of vCPUs, one host thread each (default 1; env HERMIT_CPU_COUNT)")
     p.add_argument("--mount", action="append", default=[], metavar="HOSTDIR[:GUESTDIR][:ro]",
                    help="make a host directory visible to the guest at GUESTDIR (default /, so relative "
@@ -168,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing; only the exit status tells")
     p.add_argument("--ignore", action="append", metavar="FIELD", help="also ignore this event field (repeatable)")
+    p.add_argument("--ignore-host", action="store_true",
+                   help="ignore answers that are facts of the recording host (its TSC frequency), to compare "
+                        "runs recorded on different machines")
     p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("examples", help="list the bundled example guests, or print one's path",
@@ -183,6 +207,7 @@ def session_config(ns: argparse.Namespace):
     from .machine import parse_size
     from .session import SessionConfig
 
+    apply_env_defaults(ns)
     return SessionConfig(kernel=ns.kernel, args=list(ns.args), memory=parse_size(ns.memory), cpus=ns.cpus,
                          mounts=list(ns.mount), env=list(ns.env), host_env=_passes_host_env(ns),
                          verbose=ns.verbose, pit=ns.pit, timeout=ns.timeout, net=getattr(ns, "net", None),
