@@ -38,7 +38,7 @@ EXIT_ASM = """
 EXIT_DATA = "exitblk: .long {code}\n"
 
 
-def _child_signals() -> None:
+def reset_child_signals() -> None:
     """In a test's child: default SIGINT/SIGTERM, whatever the test runner inherited (a background job or
     nohup starts with SIGINT ignored, and the child would inherit that)."""
     import signal
@@ -55,7 +55,7 @@ def spawn_cli(*args: str, sigint: str = "default", **popen):
     import signal
 
     def setup() -> None:
-        _child_signals()
+        reset_child_signals()
         if sigint == "ignore":
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 

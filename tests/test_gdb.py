@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import reset_child_signals
 from tracevisor import gdbstub as G
 
 REPO = Path(__file__).resolve().parents[1]
@@ -684,7 +685,7 @@ class Hypervisor:
         with open(self.out, "wb") as o, open(self.err, "wb") as e:
             self.proc = subprocess.Popen([sys.executable, "-m", "tracevisor", "run", "--no-host-env",
                                           "--gdb", "127.0.0.1:0", *args], stdout=o, stderr=e, env=env,
-                                         cwd=REPO)
+                                         cwd=REPO, preexec_fn=reset_child_signals)
         self.port = self._wait_port()
 
     def _wait_port(self) -> int:
@@ -828,13 +829,15 @@ class Terminal:
         if self.pid == 0:  # the child: become gdb
             os.execvp(argv[0], argv)
         self.out = b""
+        self.pos = 0  # output before this was matched by an earlier expect()
 
     def expect(self, text: bytes, timeout=60.0) -> None:
+        """Wait for ``text`` in the output not yet matched (like pexpect): output that arrived together with
+        an earlier match (a stop message and the prompt in one read) counts."""
         import select
 
-        start = len(self.out)
         deadline = time.monotonic() + timeout
-        while text not in self.out[start:]:
+        while (found := self.out.find(text, self.pos)) < 0:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {text!r} from gdb; got {self.out.decode(errors='replace')}")
             r, _, _ = select.select([self.fd], [], [], 0.2)
@@ -843,6 +846,7 @@ class Terminal:
                     self.out += os.read(self.fd, 4096)
                 except OSError:
                     raise AssertionError(f"gdb went away: {self.out.decode(errors='replace')}") from None
+        self.pos = found + len(text)
 
     def send(self, data: bytes) -> None:
         os.write(self.fd, data)
@@ -857,6 +861,21 @@ class Terminal:
         except ChildProcessError:
             pass
         os.close(self.fd)
+
+
+def test_terminal_expect_sees_output_that_came_with_the_previous_match():
+    """A stop message and the prompt often arrive in one read: the second expect() must find the prompt in
+    what was already read (it used to wait its whole timeout for output that had come)."""
+    term = Terminal(["sh", "-c", "printf 'Program received signal SIGINT\\n(gdb) '; sleep 30"])
+    try:
+        term.expect(b"Program received signal SIGINT", timeout=20)
+        started = time.monotonic()
+        term.expect(b"(gdb) ", timeout=5)
+        assert time.monotonic() - started < 1
+        with pytest.raises(AssertionError, match="no b'SIGINT'"):
+            term.expect(b"SIGINT", timeout=0.5)  # already matched: consumed, not found again
+    finally:
+        term.close()
 
 
 @pytest.mark.kvm
