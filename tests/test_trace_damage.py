@@ -341,3 +341,17 @@ def test_zstd_trace_without_zstandard(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "zstandard", None)
     with pytest.raises(TraceError, match="install zstandard"):
         open_trace(path)
+
+
+def test_a_fifo_or_directory_is_refused_at_once_not_waited_on(tmp_path):
+    from helpers import run_cli
+
+    fifo = tmp_path / "t.tvt"
+    os.mkfifo(fifo)
+    with pytest.raises(TraceError, match="not a regular file"):
+        open_trace(fifo)
+    with pytest.raises(TraceError, match="is a directory"):
+        open_trace(tmp_path)
+    for cmd in ("info", "dump", "replay", "export"):
+        r = run_cli(cmd, str(fifo), timeout=60)  # it used to wait forever for a writer
+        assert r.returncode == 1 and b"not a regular file" in r.stderr and b"Traceback" not in r.stderr, r.stderr

@@ -8,6 +8,7 @@ becomes a one-line entry in :attr:`TraceReader.warnings` and the reader carries 
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import zlib
 from array import array
@@ -187,16 +188,33 @@ def _exit_dicts(mv: memoryview, row: int, s: int, e: int, lo: int, hi: int, vcpu
                        "dir": d, "size": size, "value": value}
 
 
+def _open_regular(path: str):
+    """Open a trace for reading without blocking: O_NONBLOCK so that a FIFO does not wait for a writer, and
+    only a regular file is accepted (the reader seeks; a FIFO, device or socket would hang or mislead)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise TraceError(f"cannot open trace {path}: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise TraceError(f"cannot open trace {path}: it is a directory")
+        if not stat.S_ISREG(mode):
+            raise TraceError(f"cannot open trace {path}: not a regular file (a FIFO, device or socket)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class TraceReader:
     """An open trace.  See :func:`open_trace`."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
-        try:
-            self._file = open(self.path, "rb")
-            self.size = os.fstat(self._file.fileno()).st_size
-        except OSError as e:
-            raise TraceError(f"cannot open trace {self.path}: {e.strerror or e}") from None
+        self._file = _open_regular(self.path)
+        self.size = os.fstat(self._file.fileno()).st_size
         self._fd = self._file.fileno()
         self.warnings: list[str] = []
         self.header: dict = {}
