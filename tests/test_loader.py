@@ -122,3 +122,51 @@ def test_overlaps_boot_structures(tmp_path):
 def test_segment_outside_memory(tmp_path):
     with pytest.raises(LoaderError, match="raise --memory"):
         load_kernel(build(tmp_path, "high", BODY, "-Wl,-Ttext=0x8000000"), 64 * MB)
+
+
+def many_loads(path, n: int, step: int = 0x1000, overlap_at: int | None = None):
+    """A hand-made static ELF with ``n`` tiny PT_LOADs (one page apart), entry in the first."""
+    phoff = 64
+    data_off = phoff + 56 * n
+    hdr = bytearray(64)
+    hdr[:16] = b"\x7fELF\x02\x01\x01" + bytes(9)
+    struct.pack_into("<HHIQQQIHHHHHH", hdr, 16, 2, 62, 1, 0x400000, phoff, 0, 0, 64, 56, n, 64, 0, 0)
+    phdrs = bytearray()
+    for i in range(n):
+        vaddr = 0x400000 + i * step
+        if overlap_at is not None and i == overlap_at:
+            vaddr -= step - 8  # starts inside the previous segment
+        phdrs += struct.pack("<IIQQQQQQ", 1, 5, data_off, vaddr, vaddr, 1, 16, 0x1000)
+    path.write_bytes(bytes(hdr) + bytes(phdrs) + b"\xf4")
+    return path
+
+
+def test_segment_overlap_check_is_a_sweep_and_matches_all_pairs():
+    import random
+
+    from tracevisor.loader import Segment, overlapping_pair
+
+    rnd = random.Random(7)
+    for _ in range(500):
+        segs = [Segment(rnd.randrange(0, 64), b"", rnd.choice([0, 1, 2, 5, 9])) for _ in range(rnd.randrange(1, 8))]
+        brute = [(a, b) for a in range(len(segs)) for b in range(a + 1, len(segs))
+                 if segs[a].gpa < segs[b].gpa + segs[b].memsz and segs[b].gpa < segs[a].gpa + segs[a].memsz]
+        got = overlapping_pair(segs)
+        assert (got is None) == (not brute), (segs, got, brute)
+        assert got is None or got in brute
+    # 200 000 segments: the all-pairs check needed 2e10 comparisons (hours); the sweep a moment
+    segs = [Segment(0x1000 * i, b"", 16) for i in range(200_000)]
+    assert overlapping_pair(segs) is None
+    segs.append(Segment(0x1000 * 123_456 + 8, b"", 16))
+    assert overlapping_pair(segs) == (123_456, 200_000)
+
+
+def test_many_program_headers_load_or_are_refused_clearly(tmp_path):
+    from tracevisor.loader import MAX_PROGRAM_HEADERS
+
+    img = load_kernel(many_loads(tmp_path / "k4096", MAX_PROGRAM_HEADERS), 64 * MB)
+    assert len(img.segments) == MAX_PROGRAM_HEADERS
+    with pytest.raises(LoaderError, match="segments 2999 and 3000 overlap"):
+        load_kernel(many_loads(tmp_path / "over", 4000, overlap_at=3000), 64 * MB)
+    with pytest.raises(LoaderError, match=r"has 20000 program headers; tracevisor loads kernels with at most 4096"):
+        load_kernel(many_loads(tmp_path / "k20000", 20_000), 256 * MB)

@@ -23,6 +23,10 @@ BOOT_STRUCTURES_END = 0x1_3000  # GDT 0x1000, boot info 0x9000, page tables 0x10
 SUPPORTED_ENTRY_VERSIONS = (2, 3, 4)
 
 PT_LOAD, PT_DYNAMIC, PT_NOTE, PT_TLS = 1, 2, 4, 7
+#: At most this many program headers.  Linkers emit a handful (a Hermit kernel has under 10; even one
+#: segment per section stays in the hundreds); 4096 is far above any real image while bounding what a
+#: hostile one costs to parse and place (each header is parsed several times, each PT_LOAD copied).
+MAX_PROGRAM_HEADERS = 4096
 ET_EXEC, ET_DYN = 2, 3
 EM_X86_64 = 62
 R_X86_64_RELATIVE = 8
@@ -68,6 +72,24 @@ class KernelImage:
                 memory.fill(seg.gpa + len(seg.data), seg.memsz - len(seg.data))
         for gpa, value in self.relocations:
             memory.write_u64(gpa, value)
+
+
+def overlapping_pair(segments: list[Segment]) -> tuple[int, int] | None:
+    """Indices (ascending) of two segments whose [gpa, gpa + memsz) ranges overlap, or None.
+
+    Sorted sweep, O(n log n): each segment is compared with the one reaching furthest among those that start
+    at or before it (a quadratic all-pairs check cost minutes of CPU for a hostile image's many PT_LOADs,
+    before --timeout applied).  Empty segments overlap only a range they lie strictly inside."""
+    order = sorted(range(len(segments)), key=lambda i: (segments[i].gpa, segments[i].gpa + segments[i].memsz))
+    reach, reach_i = -1, -1  # the furthest end so far, and whose it is
+    for i in order:
+        seg = segments[i]
+        end = seg.gpa + seg.memsz
+        if seg.gpa < reach and segments[reach_i].gpa < end:
+            return (min(i, reach_i), max(i, reach_i))
+        if end > reach:
+            reach, reach_i = end, i
+    return None
 
 
 def _hermit_entry_version(elf, path: str) -> int | None:
@@ -154,6 +176,10 @@ def _parse(path: str, raw: bytes, memory_size: int) -> KernelImage:
         raise LoaderError(f"{path} announces Hermit entry version {version}{hint}; "
                           f"tracevisor boots entry versions {', '.join(map(str, SUPPORTED_ENTRY_VERSIONS))}")
 
+    n_headers = elf.num_segments()
+    if n_headers > MAX_PROGRAM_HEADERS:
+        raise LoaderError(f"{path} has {n_headers} program headers; tracevisor loads kernels with at most "
+                          f"{MAX_PROGRAM_HEADERS} (linkers emit a handful)")
     loads = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
     if not loads:
         raise LoaderError(f"{path} has no PT_LOAD segment")
@@ -191,11 +217,9 @@ def _parse(path: str, raw: bytes, memory_size: int) -> KernelImage:
         if s["p_offset"] + filesz > len(raw):
             raise LoaderError(f"{path}: segment {i} extends past the end of the file (truncated?)")
         segments.append(Segment(gpa, raw[s["p_offset"]:s["p_offset"] + filesz], memsz))
-    for a in range(len(segments)):
-        for b in range(a + 1, len(segments)):
-            sa, sb = segments[a], segments[b]
-            if sa.gpa < sb.gpa + sb.memsz and sb.gpa < sa.gpa + sa.memsz:
-                raise LoaderError(f"{path}: segments {a} and {b} overlap")
+    pair = overlapping_pair(segments)
+    if pair is not None:
+        raise LoaderError(f"{path}: segments {pair[0]} and {pair[1]} overlap")
 
     relocations: list[tuple[int, int]] = []
     for seg in elf.iter_segments():
