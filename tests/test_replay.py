@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from test_guests import FILES_OUT
@@ -296,3 +297,11 @@ def test_offline_walk_tolerates_crafted_events(tmp_path):
     walk = replay.open(tmp_path / "c.tvt").run_to_end()
     assert walk.bytes_read == {"a.txt": 5} and walk.bytes_written == {"a.txt": 0}
     assert walk.console_text == "" and list(walk.files) == [3]
+
+
+def test_report_to_a_missing_directory_is_refused_before_the_replay(tmp_path):
+    sample = Path(__file__).resolve().parents[1] / "traces" / "hello.tvt"
+    r = run_cli("replay", "--report", str(tmp_path / "missing" / "r.json"), str(sample))
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "Traceback" not in err and "verified" not in err, err
+    assert err.count("\n") == 1 and "does not exist" in err and "--report" in err, err

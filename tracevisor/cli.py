@@ -332,6 +332,8 @@ def cmd_replay(ns: argparse.Namespace) -> int:
 
     if ns.gdb is not None:
         return _replay_gdb(ns)
+    if ns.report:
+        _check_writable(ns.report, "--report")
     with Replayer(ns.trace, kernel=ns.kernel, force=ns.force, quiet=ns.quiet) as r:
         for w in r.warnings:
             print(f"tracevisor: warning: {w}", file=sys.stderr)
@@ -351,9 +353,24 @@ def cmd_replay(ns: argparse.Namespace) -> int:
         else:
             print(f"tracevisor: {result.message}", file=sys.stderr)
         if ns.report:
-            with open(ns.report, "w") as f:
-                json.dump(result.as_dict(), f, indent=2, default=_json_default)
+            try:
+                with open(ns.report, "w") as f:
+                    json.dump(result.as_dict(), f, indent=2, default=_json_default)
+            except OSError as e:
+                raise TracevisorError(f"cannot write --report {ns.report}: {e.strerror or e}") from None
         return result.status
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Refuse, before any work, an output file whose directory is missing or not writable (a replay must not
+    run to the end and then fail to save its result)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise TracevisorError(f"{option} {path}: is a directory")
+    if not os.path.isdir(parent):
+        raise TracevisorError(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise TracevisorError(f"{option} {path}: directory {parent} is not writable")
 
 
 def _replay_gdb(ns: argparse.Namespace) -> int:
