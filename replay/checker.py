@@ -34,6 +34,11 @@ def exit_dict(seq: int, row: tuple) -> dict:
             "dir": direction, "size": size, "value": value}
 
 
+def _a(kind: str) -> str:
+    """The event kind with its article: "an exit", "a hypercall"."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
 def _plain(v):
     if isinstance(v, (bytes, bytearray, memoryview)):
         b = bytes(v)
@@ -129,9 +134,9 @@ class Checker:
     def _wrong_kind(self, cpu: int, ev: tuple | None, kind: str, actual: dict) -> None:
         actual = {k: _plain(v) for k, v in actual.items()}
         if ev is None:
-            self._diverge(cpu, f"the guest went on past the end of the recording (a {kind} that was never "
+            self._diverge(cpu, f"the guest went on past the end of the recording ({_a(kind)} that was never "
                           "recorded)", None, actual)
-        self._diverge(cpu, f"recorded event #{ev[1]} is a {ev[0]}, the replay produced a {kind}",
+        self._diverge(cpu, f"recorded event #{ev[1]} is {_a(ev[0])}, the replay produced {_a(kind)}",
                       _summary(ev), actual, seq=ev[1])
 
     def _matched(self, cpu: int, ev: tuple) -> None:

@@ -89,3 +89,34 @@ def test_a_bad_hermit_variable_is_one_error_line_not_a_broken_parser(var, value)
         assert r.stderr.decode().count("\n") == 1 and f"{var}={value!r}".encode() in r.stderr, r.stderr
     r = run_cli("run", "-c", "1", "-m", "64M", "no-such-kernel", env=env)  # explicit options win
     assert var.encode() not in r.stderr and b"no-such-kernel" in r.stderr
+
+
+def test_messages_a_new_user_meets(tmp_path):
+    """Each mistake gets one line that names it (or the subcommand's own usage), never another's words."""
+    r = run_cli("run", "-m", "1K", "no-such-kernel")
+    assert r.returncode == 1 and b"guest memory 1 KiB is out of range" in r.stderr, r.stderr
+    r = run_cli("run", "")
+    assert r.returncode == 1 and b"no kernel given" in r.stderr and b"directory" not in r.stderr, r.stderr
+    r = run_cli("record", "some-kernel", "-o")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "tracevisor record: error: argument -o: expected one argument" in err, err
+    assert "KERNEL, ARGS" not in err
+    r = run_cli("run", "--bogus", "some-kernel")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.startswith("usage: tracevisor run ") and "unrecognized arguments: --bogus" in err
+    r = run_cli("replay", "--bogus", "t.tvt")
+    assert r.returncode == 2 and r.stderr.startswith(b"usage: tracevisor replay "), r.stderr
+
+
+def test_export_without_format_of_a_trace_without_frames_says_so(tmp_path):
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "traces" / "hello.tvt"
+    out = tmp_path / "h.pcap"
+    r = run_cli("export", str(sample), "-o", str(out))
+    assert r.returncode == 1 and b"no network frames" in r.stderr and not out.exists(), r.stderr
+    r = run_cli("export", str(sample), "--format", "pcap", "-o", str(out))  # asked for explicitly: written
+    assert r.returncode == 0 and b"wrote 0 frames" in r.stderr and out.exists()
+    net = Path(__file__).resolve().parents[1] / "traces" / "netecho.tvt"
+    r = run_cli("export", str(net), "-o", str(tmp_path / "n.pcap"))
+    assert r.returncode == 0 and b"wrote 8 frames" in r.stderr, r.stderr

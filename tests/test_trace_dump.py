@@ -26,6 +26,14 @@ def test_strace_like_hypercalls():
     assert body(hc("unlink", {"name": 0x5000}, -1, payload=b"gone.txt")) == 'unlink("gone.txt") = -1'
     assert body(hc("exit", {"arg": 0}, None)) == "exit(0)"
     assert body(hc("cmdsize", {"argc": 2, "envc": 1}, None)) == "cmdsize(argc=2, envc=1) = ?"
+    # with the block the host wrote: what the guest got, not its zeroed fields
+    import struct
+
+    out = bytearray(1032)
+    struct.pack_into("<iii", out, 0, 2, 6, 3)
+    struct.pack_into("<ii", out, 516, 1, 8)
+    assert body(hc("cmdsize", {"argc": 0, "envc": 0}, 2, out=bytes(out))) == \
+        "cmdsize({argc=2, argsz=[6, 3], envc=1, envsz=[8]}) = 2"
     assert body(hc("cmdval", {"argv": 0x4C3840, "envp": 0x4C3000}, 0)) == "cmdval(argv=0x4c3840, envp=0x4c3000) = 0"
     assert body(hc("write", {"fd": 1, "buf": 1, "len": 6}, 6, payload=b"Hello\n", t_end=12_357_300)) == \
         'write(1, "Hello\\n", 6) = 6 <12.3us>'

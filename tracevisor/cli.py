@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "JSON, one track per vCPU (ui.perfetto.dev). parquet, csv: a directory with "
                                    "one file per analysis frame (docs/analysis.md).")
     p.add_argument("trace", metavar="TRACE")
-    p.add_argument("--format", choices=["pcap", "perfetto", "parquet", "csv"], default="pcap",
+    p.add_argument("--format", choices=["pcap", "perfetto", "parquet", "csv"], default=None,
                    help="output format (default pcap)")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="output file, or directory for parquet/csv (default: TRACE with the format's suffix: "
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "if they were not prebuilt). Try: tracevisor run \"$(tracevisor examples hello)\"")
     p.add_argument("name", nargs="?", help="print the path of this example (building it if needed)")
     p.set_defaults(func=cmd_examples)
+    parser.set_defaults(commands=sub.choices)  # name -> subparser, for errors in the subcommand's own words
     return parser
 
 
@@ -250,6 +251,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
         return finish(info)
 
 
+class _MissingValue(Exception):
+    """An option of `record` after KERNEL without its value (reported as argparse would)."""
+
+
 def _hoist_record_options(argv: list[str]) -> list[str]:
     """Let `record KERNEL -o FILE ARGS…` work: options of `record` right after KERNEL move before it."""
     if not argv or argv[0] != "record":
@@ -276,8 +281,10 @@ def _hoist_record_options(argv: list[str]) -> list[str]:
         name = a.split("=", 1)[0]
         if name not in movable:
             break
-        if "=" in a or len(rest) < 2:
+        if "=" in a:
             hoisted.append(rest.pop(0))
+        elif len(rest) < 2:  # `record KERNEL -o`: its value is missing (KERNEL must not become it)
+            raise _MissingValue(name)
         else:
             hoisted += [rest.pop(0), rest.pop(0)]
     return head + hoisted + [kernel] + rest
@@ -477,6 +484,8 @@ def cmd_diff(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
+    chosen = ns.format is not None
+    ns.format = ns.format or "pcap"
     if ns.exits is not None and ns.format != "perfetto":
         raise TracevisorError("--exits applies to --format perfetto only")
     if ns.format != "pcap":
@@ -485,7 +494,14 @@ def cmd_export(ns: argparse.Namespace) -> int:
         return _analysis_cli().export_main(ns)
     from .pcap import write_pcap
 
-    _open_trace(ns.trace).close()  # a clear one-line error for a file that is not a trace
+    reader = _open_trace(ns.trace)  # a clear one-line error for a file that is not a trace
+    try:
+        frames = next(iter(reader.events(kinds=["net"])), None) is not None
+    finally:
+        reader.close()
+    if not frames and not chosen:  # the default format, for a trace that has nothing for it
+        raise TracevisorError(f"{ns.trace} has no network frames (the guest had no --net), so a pcap would "
+                              "be empty: choose --format perfetto, parquet or csv (or --format pcap anyway)")
     out = ns.output or os.path.splitext(ns.trace)[0] + "." + ns.format
     try:
         n = write_pcap(ns.trace, out, direction=ns.direction)
@@ -525,12 +541,26 @@ def main(argv: list[str] | None = None) -> int:
             signals.restore(previous)  # an in-process caller gets its handlers back
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, with the errors of a subcommand reported by that subcommand (its usage line, not the
+    top-level one) and a missing option value after `record KERNEL` named as such."""
+    commands = parser.get_default("commands") or {}
+    try:
+        argv = _hoist_record_options(argv)
+    except _MissingValue as e:
+        commands["record"].error(f"argument {e}: expected one argument")
+    ns, extras = parser.parse_known_args(argv)
+    if extras:
+        (commands.get(getattr(ns, "command", None)) or parser).error(f"unrecognized arguments: {' '.join(extras)}")
+    return ns
+
+
 def _main(argv: list[str] | None, on_main: bool) -> int:
     from . import signals
 
     try:
         parser = build_parser()
-        ns = parser.parse_args(_hoist_record_options(list(sys.argv[1:] if argv is None else argv)))
+        ns = _parse(parser, list(sys.argv[1:] if argv is None else argv))
         if on_main:
             signals.check()
             if not _runs_a_vm(ns):

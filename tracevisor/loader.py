@@ -119,6 +119,8 @@ def _hermit_entry_version(elf, path: str) -> int | None:
 def load_kernel(path: str | os.PathLike, memory_size: int) -> KernelImage:
     """Parse and validate ``path``; raise LoaderError with one clear line on any problem."""
     path = str(path)
+    if not path:
+        raise LoaderError("no kernel given (the kernel path is empty)")
     p = Path(path)
     if not p.exists():
         raise LoaderError(f"kernel not found: {path}")

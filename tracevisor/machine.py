@@ -69,7 +69,7 @@ class VmConfig:
     def validate(self) -> None:
         if not MIN_MEMORY <= self.memory <= MAX_MEMORY:
             raise TracevisorError(
-                f"guest memory {self.memory / MIB:g} MiB is out of range: use {MIN_MEMORY // MIB} MiB "
+                f"guest memory {_size_text(self.memory)} is out of range: use {MIN_MEMORY // MIB} MiB "
                 f"to {MAX_MEMORY // MIB} MiB")
         if self.memory % 4096:
             raise TracevisorError("guest memory must be a multiple of 4 KiB")
@@ -378,6 +378,14 @@ def _signal_stop(sig: int) -> StopInfo:
     if sig == signal.SIGTERM:
         return StopInfo.of(StopReason.TERMINATED, "terminated (SIGTERM); VM stopped")
     return StopInfo.of(StopReason.INTERRUPTED, "interrupted (Ctrl-C); VM stopped")
+
+
+def _size_text(n: int) -> str:
+    """A byte count as a person would write it: 1 KiB, 512 MiB, 3.5 GiB, 100 bytes."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} bytes"
 
 
 def parse_size(text: str) -> int:

@@ -120,10 +120,34 @@ def _hypercall(ev: Mapping[str, Any]) -> str:
         return f"exit({_value(code)})" + _latency(ev)
     elif call == "uart":
         return f"uart({_hex(g('value'))})" + _latency(ev)
+    elif call == "cmdsize" and isinstance(ev.get("out"), (bytes, bytearray)):
+        text = f"cmdsize({_cmdsize_answer(bytes(ev['out']))})"
     else:
         text = f"{call}(" + ", ".join(
             f"{k}={_hex(v) if k in _ADDRESS_KEYS else _value(v)}" for k, v in args.items()) + ")"
     return f"{text} = {'?' if ret is None else _value(ret)}" + _latency(ev)
+
+
+def _cmdsize_answer(out: bytes) -> str:
+    """What the host wrote into the CMDSIZE block (the guest's fields before the call are zeros): the
+    counts and the sizes of the strings, NUL included."""
+    import struct
+
+    def counted(off: int) -> tuple[int, list[int]] | None:
+        if len(out) < off + 4:
+            return None
+        n = struct.unpack_from("<i", out, off)[0]
+        k = max(0, min(n, 128, (len(out) - off - 4) // 4))
+        return n, list(struct.unpack_from(f"<{k}i", out, off + 4))
+
+    parts = []
+    for name, off in (("arg", 0), ("env", 516)):
+        got = counted(off)
+        if got is not None:
+            sizes = got[1][:8]
+            more = ", ..." if len(got[1]) > 8 else ""
+            parts.append(f"{name}c={got[0]}, {name}sz=[{', '.join(map(str, sizes))}{more}]")
+    return "{" + ", ".join(parts) + "}"
 
 
 def _latency(ev: Mapping[str, Any]) -> str:
