@@ -164,3 +164,21 @@ def test_tap_that_cannot_be_attached(guests, netns):
     r = sh("ip", "netns", "exec", ns, sys.executable, "-m", "tracevisor", "run", "--net", f"tap:{tap}u",
            str(guests["netecho"]), check=False)
     assert r.returncode == 1 and "cannot attach TAP device" in r.stderr, r.stderr
+
+
+def test_a_missing_tap_is_an_error_unless_creation_is_asked_for(guests, netns):
+    """A mistyped name must not quietly create a new, unconfigured TAP as root and run without network."""
+    ns, tap = netns
+    typo = tap + "z"
+    r = sh("ip", "netns", "exec", ns, sys.executable, "-m", "tracevisor", "run", "--timeout", "20",
+           "--net", f"tap:{typo}", str(guests["netecho"]), "10.0.0.2", "1", check=False, timeout=60)
+    assert r.returncode == 1 and f"no network interface '{typo}'" in r.stderr and "Traceback" not in r.stderr, \
+        r.stderr
+    assert r.stderr.count("\n") == 1 and f"--net tap:{typo},create" in r.stderr
+    assert typo not in sh("ip", "-n", ns, "link", "show").stdout  # nothing was created
+    # asked for: the kernel creates a temporary TAP for the run (gone afterwards)
+    r = sh("ip", "netns", "exec", ns, sys.executable, "-m", "tracevisor", "run", "--timeout", "3",
+           "--net", f"tap:{typo},create", str(guests["netecho"]), "10.0.0.2", "1", check=False, timeout=60)
+    assert "no network interface" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode in (0, 124), r.stderr
+    assert typo not in sh("ip", "-n", ns, "link", "show").stdout

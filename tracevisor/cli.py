@@ -74,7 +74,8 @@ def add_vm_options(p: argparse.ArgumentParser, record: bool = False) -> None:
     p.add_argument("--pit", action="store_true", help="create KVM's in-kernel PIT (as uhyve --pit)")
     p.add_argument("--net", default=None, metavar="SPEC",
                    help="give the guest a virtio-net NIC (legacy, PCI 00:00.0, I/O BAR 0xC000; polled, no "
-                        "interrupts) attached to tap:IFNAME (a Linux TAP device; needs CAP_NET_ADMIN) or "
+                        "interrupts) attached to tap:IFNAME (an existing Linux TAP device; tap:IFNAME,create makes a "
+                        "temporary one, as root) or "
                         "udp:[HOST:]PORT[,peer=HOST:PORT] (one Ethernet frame per UDP datagram, as QEMU's "
                         "-netdev dgram); add ,mac=52:54:00:12:34:56 to choose the MAC (docs/network.md)")
     p.add_argument("kernel", metavar="KERNEL", help="the unikernel: a Hermit kernel or a static x86-64 ELF")

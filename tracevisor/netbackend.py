@@ -2,9 +2,10 @@
 
 ``--net SPEC`` names one:
 
-* ``tap:IFNAME`` — a Linux TAP device (``/dev/net/tun``, IFF_TAP | IFF_NO_PI, non-blocking).  An existing
-  persistent TAP (``ip tuntap add IFNAME mode tap``) is attached to; otherwise the kernel creates one that
-  disappears with the process.  Needs CAP_NET_ADMIN (or a TAP owned by the user).
+* ``tap:IFNAME`` — an existing Linux TAP device (``/dev/net/tun``, IFF_TAP | IFF_NO_PI, non-blocking), e.g. a
+  persistent one from ``ip tuntap add IFNAME mode tap``; a name that does not exist is an error (a typo must
+  not quietly create a new, unconfigured device).  ``tap:IFNAME,create`` lets the kernel create it when
+  missing (it disappears with the process; needs CAP_NET_ADMIN).
 * ``udp:[HOST:]PORT[,peer=HOST:PORT]`` — every Ethernet frame is one UDP datagram, the encapsulation of
   QEMU's ``-netdev dgram``/``-netdev socket,udp=``.  tracevisor listens on HOST:PORT (default 127.0.0.1) and
   sends to the peer, or, without ``peer=``, to whoever sent the last datagram.  In-process, unprivileged,
@@ -33,8 +34,8 @@ IFF_NO_PI = 0x1000
 IFNAMSIZ = 16
 MAX_FRAME = 65535 + 14
 
-SPEC_HELP = ("tap:IFNAME or udp:[HOST:]PORT[,peer=HOST:PORT], optionally followed by ,mac=XX:XX:XX:XX:XX:XX; "
-             "'none' for no network device")
+SPEC_HELP = ("tap:IFNAME[,create] or udp:[HOST:]PORT[,peer=HOST:PORT], optionally followed by "
+             ",mac=XX:XX:XX:XX:XX:XX; 'none' for no network device")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ def parse_net_spec(spec: str) -> NetSpec:
     mac = DEFAULT_MAC
     options: dict[str, str] = {}
     for o in opts:
+        if o == "create" and kind == "tap":
+            options["create"] = "yes"
+            continue
         key, eq, value = o.partition("=")
         if not eq or key not in ("mac", "peer") or (key == "peer" and kind != "udp"):
             raise TracevisorError(f"bad --net option {o!r} in {spec!r}: use {SPEC_HELP}")
@@ -108,9 +112,13 @@ class NetBackend:
 
 
 class TapBackend(NetBackend):
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, create: bool = False) -> None:
         self.name = name
         self.stats = {"rx": 0, "tx": 0, "tx_errors": 0}
+        if not create and not interface_exists(name):
+            raise TracevisorError(f"no network interface {name!r} here: create the TAP first (ip tuntap add "
+                                  f"{name} mode tap), or use --net tap:{name},create to let tracevisor create a "
+                                  "temporary one")
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
@@ -203,10 +211,19 @@ class UdpBackend(NetBackend):
         self.sock.close()
 
 
+def interface_exists(name: str) -> bool:
+    """Is there a network interface of this name in this process's network namespace?"""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
 def open_backend(spec: NetSpec | str) -> NetBackend:
     """Open the backend a spec names (live runs and recordings only; a replay never calls this)."""
     if isinstance(spec, str):
         spec = parse_net_spec(spec)
     if spec.kind == "tap":
-        return TapBackend(spec.target)
+        return TapBackend(spec.target, create=spec.options.get("create") == "yes")
     return UdpBackend(spec.target, spec.options.get("peer"))
