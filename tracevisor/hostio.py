@@ -262,6 +262,11 @@ class LiveHostIO(ConsoleBackend):
         self.refusals = 0  # failed file requests (a missing file included)
         self.policy_refusals = 0  # of those, refused by the sandbox's policy (reported even without -v)
         self.first_policy_refusal: str | None = None
+        # Host operations on an open file that failed (or wrote only part): guest fd -> [path, count, bytes
+        # not written, last error].  The first failure per fd is reported at once, the totals at the end.
+        self.host_failures: dict[int, list] = {}
+        self._last_error: dict[int, str] = {}  # per vCPU: the errno name of its last failed host operation
+        self.warn = lambda msg: print(f"tracevisor: warning: {msg}", file=sys.stderr, flush=True)
 
     def _refuse(self, what: str, err: OSError | str) -> int:
         self.refusals += 1
@@ -321,7 +326,8 @@ class LiveHostIO(ConsoleBackend):
                 return -1, b""
             try:
                 data = os.read(f.host_fd, length)
-            except OSError:
+            except OSError as e:
+                self._host_failed(cpu, "READ", fd, f, e, -1)
                 return -1, b""
         return len(data), data
 
@@ -352,13 +358,16 @@ class LiveHostIO(ConsoleBackend):
         """What to tell the user about failed file requests when the run ends: with ``verbose`` every one
         (up to MAX_LOG), else one line when the sandbox refused something (an escape attempt, a path no
         mount covers, a write to a read-only mount) — an ordinary missing file stays quiet."""
+        failures = [f"{n} host operation{'s' if n != 1 else ''} on guest fd {fd} ({path}) failed"
+                    + (f", {lost} bytes not written" if lost else "") + f" (last: {err})"
+                    for fd, (path, n, lost, err) in sorted(self.host_failures.items())]
         if verbose:
-            return [f"refused {line}" for line in self.log]
+            return [f"refused {line}" for line in self.log] + failures
         if not self.policy_refusals:
-            return []
+            return failures
         n = self.policy_refusals
         return [f"the sandbox refused {n} guest file request{'s' if n != 1 else ''} "
-                f"(first: {self.first_policy_refusal}); -v lists every failed request"]
+                f"(first: {self.first_policy_refusal}); -v lists every failed request"] + failures
 
     def write(self, cpu, fd, data):
         if fd in (STDOUT, STDERR) and fd not in self.closed_stdio:
@@ -372,9 +381,34 @@ class LiveHostIO(ConsoleBackend):
             try:
                 while view:
                     view = view[os.write(f.host_fd, view):]
-            except OSError:
-                return -1
+            except OSError as e:
+                done = len(data) - len(view)
+                ret = done if done else -1  # like write(2): what was written counts
+                self._host_failed(cpu, "WRITE", fd, f, e, ret, lost=len(view),
+                                  partial=f" after {done} of {len(data)} bytes" if done else "")
+                return ret
         return len(data)
+
+    def _host_failed(self, cpu: int, op: str, fd: int, f: OpenFile, e: OSError, ret: int, lost: int = 0,
+                     partial: str = "") -> None:
+        """A host operation on an open file failed (disk full, I/O error): report the first per fd at once,
+        count the rest for :meth:`refusal_notes`, and remember the errno for the recording (call with the
+        lock held)."""
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        self._last_error[cpu] = name
+        entry = self.host_failures.get(fd)
+        if entry is None or entry[0] != f.path:
+            self.host_failures[fd] = [f.path, 1, lost, e.strerror or name]
+            self.warn(f"{op} of guest fd {fd} ({f.path}) failed on the host{partial}: {e.strerror or name}; "
+                      f"the guest got {ret}. Further failures on this fd are counted and reported at the end")
+        else:
+            entry[1] += 1
+            entry[2] += lost
+            entry[3] = e.strerror or name
+
+    def take_error(self, cpu: int) -> str | None:
+        """The errno name of ``cpu``'s last host operation if it failed on the host (once), for the trace."""
+        return self._last_error.pop(cpu, None)
 
     def lseek(self, cpu, fd, offset, whence):
         if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END):
@@ -436,10 +470,16 @@ class RecordingHostIO(HostIO):
         self.clock = clock  # () -> ns since the trace's start
         self._uart: dict[int, tuple[int, bytearray]] = {}
 
-    def _log(self, cpu: int, op: str, args: list, ret, data: bytes | None = None) -> None:
+    def _error(self, cpu: int) -> str | None:
+        take = getattr(self.inner, "take_error", None)
+        return take(cpu) if take is not None else None
+
+    def _log(self, cpu: int, op: str, args: list, ret, data: bytes | None = None, error: str | None = None) -> None:
         fields = {"op": op, "args": args, "ret": ret}
         if data:
             fields["data"] = data
+        if error:  # the host operation failed or was partial: counted in the trace (analysis, dump)
+            fields["error"] = error
         self.writer.event("hostio", cpu, self.clock(), **fields)
 
     def open(self, cpu, path, flags, mode):
@@ -454,7 +494,7 @@ class RecordingHostIO(HostIO):
 
     def read(self, cpu, fd, length):
         ret, data = self.inner.read(cpu, fd, length)
-        self._log(cpu, "read", [fd, length], ret, data)
+        self._log(cpu, "read", [fd, length], ret, data, self._error(cpu))
         return ret, data
 
     def write(self, cpu, fd, data):
@@ -463,7 +503,7 @@ class RecordingHostIO(HostIO):
             self._flush_uart(cpu)
             self.writer.event("console", cpu, self.clock(), stream="stdout" if fd == STDOUT else "stderr",
                               data=bytes(data))
-        self._log(cpu, "write", [fd, len(data)], ret)
+        self._log(cpu, "write", [fd, len(data)], ret, error=self._error(cpu))
         return ret
 
     def lseek(self, cpu, fd, offset, whence):

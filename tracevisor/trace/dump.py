@@ -208,6 +208,8 @@ def _body(ev: Mapping[str, Any]) -> str:
         args = ev.get("args")
         args = args if isinstance(args, (list, tuple)) else [] if args is None else [args]
         text = f"hostio {ev.get('op', '?')}(" + ", ".join(_value(a) for a in args) + f") = {_value(ev.get('ret'))}"
+        if isinstance(ev.get("error"), str):  # the host operation failed or was partial (strace's errno)
+            text += f" {ev['error']}"
         if "data" in ev:
             text += f" data={_value(ev['data'])}"
         return text

@@ -240,7 +240,9 @@ KINDS: dict[str, Kind] = {
                 Field("args", "list", "request arguments"),
                 Field("ret", "any", "the answer (usually an int)"),
             ),
-            optional=(Field("data", "bin", "bytes the host gave the guest (read data, a received frame, ...)"),),
+            optional=(Field("data", "bin", "bytes the host gave the guest (read data, a received frame, ...)"),
+                      Field("error", "str", "the host's errno name (e.g. `ENOSPC`) when the host operation on an "
+                                            "open file failed or wrote only part; `ret` is what the guest got")),
         ),
         Kind(
             "console",
