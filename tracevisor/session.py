@@ -72,7 +72,7 @@ class SessionConfig:
 
     def __post_init__(self) -> None:
         self.kernel = os.fspath(self.kernel)
-        self.args = [str(a) for a in self.args]
+        self.args = [a.decode("utf-8", "surrogateescape") if isinstance(a, bytes) else str(a) for a in self.args]
         self.mounts = [os.fspath(m) for m in self.mounts]
         self.env = list(self.env)
         if isinstance(self.memory, str):
