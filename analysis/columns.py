@@ -24,8 +24,7 @@ class Column(NamedTuple):
 #: Categories of the categorical columns (fixed, so frames of different traces concatenate as categoricals;
 #: values outside the list are appended, sorted).
 REASON_CATEGORIES: tuple[str, ...] = tuple(EXIT_REASONS[k] for k in sorted(EXIT_REASONS))
-# UART output (port 0x800) is recorded as console events, never as a hypercall event: not a call category.
-CALL_CATEGORIES: tuple[str, ...] = tuple(name for name in HYPERCALL_PORTS if name != "uart")
+CALL_CATEGORIES: tuple[str, ...] = tuple(HYPERCALL_PORTS)
 STREAM_CATEGORIES: tuple[str, ...] = ("uart", "stdout", "stderr")
 VIRTIO_OP_CATEGORIES: tuple[str, ...] = ("chain", "status", "reset", "features", "queue", "error")
 DIRECTION_CATEGORIES: tuple[str, ...] = ("rx", "tx")

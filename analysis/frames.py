@@ -144,11 +144,6 @@ class Trace:
         """All console output (every stream) in order, as text."""
         return "".join(self.console["text"].fillna(""))
 
-    def stats(self, by: str | None = None):
-        from .stats import stats
-
-        return stats(self, by=by)
-
     def __repr__(self) -> str:
         rich = f", {len(self._rich)} rich events" if self.has_events else ", read back from an export"
         return (f"<analysis.Trace {os.path.basename(self.path)}: {len(self.exits)} exits, {len(self.hypercalls)} "

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tracevisor.trace.schema import HYPERCALL_PORTS
+from tracevisor.trace.schema import HYPERCALL_PORTS, UART_PORT
 
 from .frames import Trace, as_trace
 
@@ -146,7 +146,7 @@ class Stats:
 
 def _ioport_names(io: pd.DataFrame) -> pd.Series:
     """``0x400 out (write)``-style names of port I/O exits (the hypercall name when the port is one)."""
-    names = {port: call for call, port in HYPERCALL_PORTS.items()}
+    names = {port: call for call, port in HYPERCALL_PORTS.items()} | {UART_PORT: "uart"}
     key = io["port"].astype(np.int64) * 2 + io["dir"].astype(np.int64)
     labels = {}
     for k in pd.unique(key):

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,14 +17,14 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--every", type=int, default=5000, help="exits between checkpoints")
     a = ap.parse_args()
-    from tracevisor import guestbuild, replay
+    from tracevisor import guestbuild, replay, session
     from tracevisor.trace import open_trace
 
     tmp = Path(tempfile.mkdtemp(prefix="tv-seek-"))
     kernel = guestbuild.build(["compute"], outdir=tmp)["compute"]
     trace = tmp / "compute.tvt"
-    subprocess.run([sys.executable, "-m", "tracevisor", "record", "-q", "-o", str(trace), str(kernel), str(a.n)],
-                   check=True, stdout=subprocess.DEVNULL)
+    stop = session.record(kernel, trace, args=[str(a.n)])
+    assert stop.code == 0, stop.message
     seqs = [e["seq"] for e in open_trace(trace).events(kinds=["exit"])]
     end = len(seqs) - 10
     with replay.Replayer(trace, checkpoint_every=a.every) as r:

@@ -8,7 +8,22 @@ result.  A request that differs (another operation, path, fd or length) is a div
 from __future__ import annotations
 
 from tracevisor.errors import Divergence
-from tracevisor.hostio import Console, ConsoleBackend
+from tracevisor.hostio import (
+    BOOT_TIME,
+    CLOSE,
+    CMDLINE,
+    CPU_FREQ,
+    LSEEK,
+    NET_RX,
+    OPEN,
+    READ,
+    UNLINK,
+    WRITE,
+    Console,
+    ConsoleBackend,
+    HostOp,
+    console_stream,
+)
 
 from .streams import CpuStream
 
@@ -23,14 +38,6 @@ def _show(v):
     if isinstance(v, list):
         return [_show(x) for x in v]
     return v
-
-
-I32 = (-(1 << 31), (1 << 31) - 1)
-I64 = (-(1 << 63), (1 << 63) - 1)
-U32 = (0, (1 << 32) - 1)
-#: The range of each recorded integer answer: what the hypercall block's field (or the boot info) can hold.
-RET_RANGE = {"open": I32, "close": I32, "unlink": I32, "read": I64, "write": I64, "lseek": I64,
-             "boot_time": I64, "cpu_freq": U32}
 
 
 class ReplayingHostIO(ConsoleBackend):
@@ -65,23 +72,23 @@ class ReplayingHostIO(ConsoleBackend):
                           seq=rec.get("seq"), expected={"op": rec.get("op"), "ret": _show(rec.get("ret"))},
                           actual=None)
 
-    def _ret(self, cpu: int, op: str, args: list) -> tuple[int, dict]:
-        """The recorded integer result of ``op``, checked against what the guest's field can hold."""
-        rec = self.request(cpu, op, args)
+    def _ret(self, cpu: int, op: HostOp, *args) -> tuple[int, dict]:
+        """The recorded integer result of ``op(*args)``, checked against what the guest's field can hold."""
+        rec = self.request(cpu, op.name, op.args(*args))
         ret = rec.get("ret")
-        lo, hi = RET_RANGE[op]
+        lo, hi = op.ret
         if type(ret) is not int or not lo <= ret <= hi:
             raise self._malformed(rec, f"result {ret!r:.60} is not an integer in [{lo}, {hi}]")
         return ret, rec
 
     def open(self, cpu, path, flags, mode):
-        return self._ret(cpu, "open", [bytes(path), flags, mode])[0]
+        return self._ret(cpu, OPEN, path, flags, mode)[0]
 
     def close(self, cpu, fd):
-        return self._ret(cpu, "close", [fd])[0]
+        return self._ret(cpu, CLOSE, fd)[0]
 
     def read(self, cpu, fd, length):
-        ret, rec = self._ret(cpu, "read", [fd, length])
+        ret, rec = self._ret(cpu, READ, fd, length)
         data = rec.get("data", b"") or b""
         if not isinstance(data, (bytes, bytearray)):
             raise self._malformed(rec, f"data is {type(data).__name__}, not bytes")
@@ -90,19 +97,20 @@ class ReplayingHostIO(ConsoleBackend):
         return ret, bytes(data)
 
     def write(self, cpu, fd, data):
-        ret = self._ret(cpu, "write", [fd, len(data)])[0]
-        if fd in (1, 2):
-            self.console_out.write("stdout" if fd == 1 else "stderr", data)
+        ret = self._ret(cpu, WRITE, fd, data)[0]
+        stream = console_stream(fd)
+        if stream is not None and ret >= 0:  # as recorded: nothing was shown after the guest closed fd 1/2
+            self.console_out.write(stream, data)
         return ret
 
     def lseek(self, cpu, fd, offset, whence):
-        return self._ret(cpu, "lseek", [fd, offset, whence])[0]
+        return self._ret(cpu, LSEEK, fd, offset, whence)[0]
 
     def unlink(self, cpu, path):
-        return self._ret(cpu, "unlink", [bytes(path)])[0]
+        return self._ret(cpu, UNLINK, path)[0]
 
     def cmdline(self, cpu):
-        rec = self.request(cpu, "cmdline", [])
+        rec = self.request(cpu, CMDLINE.name, CMDLINE.args())
         ret = rec.get("ret")
         if (not isinstance(ret, (list, tuple)) or len(ret) != 2
                 or not all(isinstance(part, (list, tuple)) for part in ret)
@@ -112,16 +120,16 @@ class ReplayingHostIO(ConsoleBackend):
         return [bytes(a) for a in argv], [bytes(e) for e in env]
 
     def boot_time_ns(self, cpu):
-        return self._ret(cpu, "boot_time", [])[0]
+        return self._ret(cpu, BOOT_TIME)[0]
 
     def cpu_freq_khz(self, cpu):
-        return self._ret(cpu, "cpu_freq", [])[0]
+        return self._ret(cpu, CPU_FREQ)[0]
 
     def net_rx(self, cpu, poll):
         """The frame recorded at delivery point ``poll``, if any.  Only delivery points that got a frame were
         recorded, so "no net_rx event for this poll next" means "nothing arrived here"."""
         ev = self.streams[cpu].peek()
-        if ev is None or ev[2].get("op") != "net_rx":
+        if ev is None or ev[2].get("op") != NET_RX.name:
             return None
         rec = ev[2]
         at = (list(rec.get("args") or []) or [None])[0]
@@ -129,8 +137,8 @@ class ReplayingHostIO(ConsoleBackend):
             if isinstance(at, int) and at < poll:
                 raise Divergence(f"the recording delivered a received frame at device poll {at}, but the replay "
                                  f"is already at poll {poll} without having taken it",
-                                 kind="hostio", seq=rec.get("seq"), expected={"op": "net_rx", "args": [at]},
-                                 actual={"op": "net_rx", "args": [poll]})
+                                 kind="hostio", seq=rec.get("seq"), expected={"op": NET_RX.name, "args": [at]},
+                                 actual={"op": NET_RX.name, "args": [poll]})
             return None
         self.streams[cpu].next()
         self.answered += 1

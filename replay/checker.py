@@ -11,21 +11,24 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tracevisor.errors import Divergence
-from tracevisor.kvm.uapi import EXIT_REASON_NAMES
+from tracevisor.kvm.uapi import exit_reason_name
+from tracevisor.trace.schema import EXIT_FIELDS as SCHEMA_EXIT_FIELDS
+from tracevisor.trace.schema import KINDS
 
 from .streams import CpuStream, triple
 
 _EXIT_KIND = "exit"
 
 COMPARED_KINDS = {"exit", "hypercall", "vcpu", "mmio", "virtio", "net"}
-# The fields of a hypercall the guest determines (t, t_end are timing; seq is the recorder's numbering)
-HYPERCALL_FIELDS = ("call", "port", "addr", "block", "args", "payload", "out", "ret", "error")
-MMIO_FIELDS = ("addr", "len", "write", "data")
-EXIT_FIELDS = ("reason", "rip", "port", "dir", "size", "value")
-# Every field of the network device's events except the time: all of it follows from the guest and net_rx
-VIRTIO_FIELDS = ("op", "queue", "head", "slot", "descs", "len", "used_idx", "data", "status", "old", "features",
-                 "requested", "pfn", "addr", "size", "message")
-NET_FIELDS = ("dir", "frame", "len", "queue", "head", "poll", "via", "dropped")
+#: Fields of an event that are not the guest's doing: timing (``t`` and ``seq`` are common fields, never
+#: compared), and why a vCPU's thread ended (a replay paused or stopped early ends it differently).
+NOT_COMPARED = {"hypercall": {"t_end"}, "vcpu": {"reason"}}
+#: What is compared, per rich kind: every field trace/schema.py defines for it except the above.
+COMPARED_FIELDS: dict[str, tuple[str, ...]] = {
+    kind: tuple(f.name for f in KINDS[kind].fields if f.name not in NOT_COMPARED.get(kind, ()))
+    for kind in COMPARED_KINDS - {"exit"}}
+#: The compared fields of an exit row (the time and the vCPU are not the guest's doing / already matched).
+EXIT_FIELDS = tuple(f for f in SCHEMA_EXIT_FIELDS if f not in ("t_ns", "vcpu"))
 
 
 def exit_dict(seq: int, row: tuple) -> dict:
@@ -188,7 +191,7 @@ class Checker:
         actual = {"reason": reason, "rip": rip, "port": port, "dir": direction, "size": size, "value": value}
         diff_e = {f: rec[f] for f in EXIT_FIELDS if rec[f] != actual[f]}
         diff_a = {f: actual[f] for f in diff_e}
-        name = EXIT_REASON_NAMES.get(reason, str(reason))
+        name = exit_reason_name(reason)
         self._diverge(cpu, f"exit #{ev[1]} differs ({name} exit; " +
                       ", ".join(f"{f}: recorded {_fmt(diff_e[f])}, replay {_fmt(diff_a[f])}" for f in diff_e) + ")",
                       rec, dict(actual, k="exit", cpu=cpu), seq=ev[1])
@@ -199,16 +202,7 @@ class Checker:
         actual = dict(fields, k=kind, cpu=cpu)
         ev = self._next(cpu, kind, actual)
         rec = ev[2]
-        if kind == "hypercall":
-            keys = HYPERCALL_FIELDS
-        elif kind == "mmio":
-            keys = MMIO_FIELDS
-        elif kind == "virtio":
-            keys = VIRTIO_FIELDS
-        elif kind == "net":
-            keys = NET_FIELDS
-        else:
-            keys = ("state",)
+        keys = COMPARED_FIELDS[kind]
         diff = [k for k in keys if _norm(rec.get(k)) != _norm(fields.get(k))]
         if diff:
             what = f"{kind} {rec.get('call', '')}".strip()

@@ -7,24 +7,25 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_guests import FILES_OUT
 
 from helpers import run_cli
-from tracevisor import analysis
+from tracevisor import analysis, session
 
 pytestmark = pytest.mark.kvm
 
 
-def record(tmp_path, guests, name, *args, opts=(), out=None):
+def record(tmp_path, guests, name, *args, mounts=(), out=None):
     out = out or tmp_path / f"{name}.tvt"
-    r = run_cli("record", "--no-host-env", *opts, str(guests[name]), "-o", str(out), *args)
-    assert r.returncode == 0, r.stderr.decode()
-    return out, r
+    stop = session.record(guests[name], out, args=args, mounts=mounts)
+    assert stop.status == 0, stop.message
+    return out, stop
 
 
 def test_files_guest_frames(tmp_path, guests):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    path, r = record(tmp_path, guests, "files", opts=("--mount", str(mnt)))
+    path, _ = record(tmp_path, guests, "files", mounts=[str(mnt)])
     tr = analysis.load(path)
     assert tr.complete and not tr.warnings
     f = tr.files
@@ -41,9 +42,9 @@ def test_files_guest_frames(tmp_path, guests):
         {"open": 3, "close": 3, "lseek": 3, "unlink": 2, "read": 7}
     assert len(tr.exits) == len(hc)  # every exit of this guest is a hypercall
     # what the guest printed is the console frame, and the bytes of its stdout writes
-    assert tr.console_text.encode() == r.stdout
+    assert tr.console_text == FILES_OUT
     stdout_writes = hc[(hc.call == "write") & (hc.fd == 1)]
-    assert int(stdout_writes.bytes_out.sum()) == len(r.stdout)
+    assert int(stdout_writes.bytes_out.sum()) == len(FILES_OUT.encode())
 
 
 def test_stats_agree_with_the_frames(tmp_path, guests):

@@ -242,18 +242,12 @@ class TestConfigErrors:
 
 def test_machines_release_every_host_fd(tmp_path):
     """A notebook may create many VMs: each must give back its KVM, VM and vCPU fds and its memory."""
-    from tracevisor.hostio import Console, LiveHostIO
-    from tracevisor.loader import load_kernel
-    from tracevisor.machine import Machine, VmConfig
-    from tracevisor.sandbox import Sandbox
+    from tracevisor import session
 
     k = build_asm(tmp_path, "exit0", EXIT_ASM, EXIT_DATA.format(code=0))
     fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
     before = fds()
     for _ in range(10):
-        cfg = VmConfig(kernel=str(k))
-        m = Machine(cfg, load_kernel(str(k), cfg.memory))
-        info = m.run(LiveHostIO(Sandbox([]), [b"k"], [], Console(quiet=True), m.tsc_khz))
-        m.close()
+        info = session.run(k, quiet=True)
         assert info.code == 0
     assert fds() == before

@@ -493,25 +493,21 @@ def symbols(path) -> dict[str, int]:
 
 @pytest.fixture
 def live(demo):
+    from tracevisor import session
     from tracevisor.debugtarget import LiveTarget
-    from tracevisor.hostio import Console, LiveHostIO
-    from tracevisor.loader import load_kernel
-    from tracevisor.machine import Machine, VmConfig
-    from tracevisor.sandbox import Sandbox
 
-    machines = []
+    sessions = []
 
     def make(variant="exec", args=(), **kw):
         path = demo[variant]
-        cfg = VmConfig(kernel=str(path))
-        m = Machine(cfg, load_kernel(str(path), cfg.memory))
-        machines.append(m)
-        m.boot(LiveHostIO(Sandbox([]), [b"k", *args], [], Console(quiet=True), m.tsc_khz))
-        return LiveTarget(m, **kw), symbols(path)
+        s = session.build_debug(session.SessionConfig(kernel=str(path), args=list(args), quiet=True))
+        sessions.append(s)
+        s.boot()
+        return LiveTarget(s.machine, **kw), symbols(path)
 
     yield make
-    for m in machines:
-        m.close()
+    for s in sessions:
+        s.close()
 
 
 def rip_of(target) -> int:

@@ -11,6 +11,8 @@ import pytest
 from test_gdb import REPO, Hypervisor, _need_gdb, demo, run_gdb, symbols  # noqa: F401,F811  (demo: fixture)
 
 from helpers import run_cli
+from tracevisor import session
+from tracevisor.trace import open_trace
 
 pytestmark = pytest.mark.kvm
 
@@ -34,8 +36,8 @@ def test_reverse_continue_and_reverse_stepi_with_gdb(demo, tmp_path):  # noqa: F
     _need_gdb()
     kernel = demo["exec"]
     trace = tmp_path / "demo.tvt"
-    r = run_cli("record", "--no-host-env", "-o", str(trace), str(kernel))
-    assert r.returncode == 0 and b"debug me: total=14 counter=6" in r.stdout
+    assert session.record(kernel, trace).status == 0
+    assert b"debug me: total=14 counter=6" in b"".join(e["data"] for e in open_trace(trace).events(kinds=["console"]))
     sym = symbols(kernel)
     hv = ReplayHypervisor(tmp_path, trace)
     try:
@@ -100,6 +102,6 @@ continue
 
 def test_replay_gdb_refuses_multi_vcpu(guests, tmp_path):
     trace = tmp_path / "smp.tvt"
-    assert run_cli("record", "-q", "-c", "2", "-o", str(trace), str(guests["smp"])).returncode == 0
+    assert session.record(guests["smp"], trace, cpus=2).status == 0
     r = run_cli("replay", "--gdb", "127.0.0.1:0", str(trace))
     assert r.returncode == 1 and b"single-vCPU" in r.stderr and b"Traceback" not in r.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run_cli
+from tracevisor import session
 
 pytestmark = pytest.mark.kvm
 
@@ -38,16 +39,16 @@ def hostile(tmp_path_factory):
 @pytest.mark.parametrize("mode", list(CASES))
 def test_malformed_ring_stops_the_vm(hostile, tmp_path, mode):
     trace = tmp_path / f"{mode}.tvt"
-    r = run_cli("record", "-o", str(trace), "--net", "udp:127.0.0.1:0", hostile, mode)
-    err = r.stderr.decode()
-    assert r.returncode == 3, err
-    assert f"net_hostile: {mode}\n".encode() in r.stdout
-    assert "tracevisor: guest error on vCPU 0: virtio-net " in err and CASES[mode] in err
-    assert "Traceback" not in err
+    stop = session.record(hostile, trace, args=[mode], net="udp:127.0.0.1:0")
+    assert stop.status == 3, stop.message
+    assert stop.message.startswith("guest error on vCPU 0: virtio-net ") and CASES[mode] in stop.message
+    assert "traceback" not in stop.report
 
     from tracevisor.trace import open_trace
 
     reader = open_trace(trace)
+    console = b"".join(e["data"] for e in reader.events(kinds=["console"]))
+    assert f"net_hostile: {mode}\n".encode() in console
     assert reader.complete
     virtio = list(reader.events(kinds=["virtio"]))
     assert virtio[-1]["op"] == "error" and virtio[-1]["status"] & 0x40

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from tracevisor.clock import Clock
 from tracevisor.devices import virtio_net as vn
+from tracevisor.devices.base import DeviceContext
 from tracevisor.devices.pci import CONFIG_DATA, PciBus
 from tracevisor.devices.virtqueue import (
     VRING_DESC_F_INDIRECT,
@@ -24,6 +26,7 @@ from tracevisor.devices.virtqueue import (
 )
 from tracevisor.errors import GuestError
 from tracevisor.memory import GuestMemory
+from tracevisor.runloop import Ports
 from tracevisor.trace import TraceWriter, open_trace, schema
 
 MIB = 1 << 20
@@ -223,25 +226,27 @@ class FakeHostIO:
         self.tx.append(frame)
 
 
-class FakeMachine:
+class Bench:
+    """A device's world without a VM: real guest memory, port table and PCI bus behind the real
+    DeviceContext, a fake HostIO, and a trace sink."""
+
     def __init__(self, memory, trace=None):
         self.memory = memory
         self.pci = PciBus()
-        self.out_ports, self.in_ports = {}, {}
+        self.ports = Ports()
         self.trace = trace
         self.hostio = FakeHostIO()
         self.logs = []
+        self.ctx = DeviceContext(memory, self.ports, self.pci, self.logs.append)
+        self.ctx.bind(self.hostio, trace, Clock())
 
-    def register_ports(self, ports, out_handler=None, in_handler=None):
-        for p in ports:
-            self.out_ports[p] = out_handler
-            self.in_ports[p] = in_handler
+    @property
+    def out_ports(self):
+        return self.ports.out
 
-    def now(self):
-        return 1
-
-    def log(self, msg):
-        self.logs.append(msg)
+    @property
+    def in_ports(self):
+        return self.ports.inp
 
 
 V = SimpleNamespace(cpu=0)
@@ -250,7 +255,7 @@ V = SimpleNamespace(cpu=0)
 class Driver:
     """A minimal legacy driver in Python: the steps the guest SDK's driver takes."""
 
-    def __init__(self, m: FakeMachine, base=vn.IO_BASE):
+    def __init__(self, m: Bench, base=vn.IO_BASE):
         self.m, self.base = m, base
 
     def out(self, off, size, value):
@@ -285,8 +290,8 @@ class Driver:
 
 @pytest.fixture
 def dev(mem):
-    m = FakeMachine(mem, ListTrace())
-    d = vn.VirtioNet(m)
+    m = Bench(mem, ListTrace())
+    d = vn.VirtioNet(m.ctx)
     return m, d, Driver(m)
 
 
@@ -455,8 +460,8 @@ def test_hostile_rx_ring_at_isr_read(dev):
 def test_error_leaves_a_readable_trace(tmp_path, mem):
     path = tmp_path / "t.tvt"
     with TraceWriter(path, {}, validate=True) as w:
-        m = FakeMachine(mem, w)
-        vn.VirtioNet(m)
+        m = Bench(mem, w)
+        vn.VirtioNet(m.ctx)
         drv = Driver(m)
         drv.init()
         drv.send(b"\xff" * 6 + b"\x52\x54\x00\x12\x34\x56\x08\x06" + bytes(28))
@@ -475,5 +480,5 @@ def test_save_and_load(dev, mem):
     drv.send(b"\xff" * 60)
     st = d.save()
     drv.send(b"\xee" * 60, slot=1, head=1)
-    d.load(st)
+    d.restore(st)
     assert d.queues[1].last_avail == 1 and d.status == 7

@@ -87,13 +87,8 @@ def test_exit_count_and_dense_sequence(tmp_path, guests):
     text = b"".join(e["data"] for e in events if e["k"] == "console" and e["stream"] == "uart")
     assert text == bytes(e["value"] for e in exits if e["port"] == 0x800)
     # the same count the run loop itself saw
-    from tracevisor.hostio import Console, LiveHostIO
-    from tracevisor.loader import load_kernel
-    from tracevisor.machine import Machine, VmConfig
-    from tracevisor.sandbox import Sandbox
+    from tracevisor import session
 
-    cfg = VmConfig(kernel=str(guests["compute"]))
-    m = Machine(cfg, load_kernel(cfg.kernel, cfg.memory))
     seen = []
 
     class Sink:  # a trace sink that keeps only the exits
@@ -103,8 +98,9 @@ def test_exit_count_and_dense_sequence(tmp_path, guests):
         def event(self, kind, cpu, t, **fields):
             return -1
 
-    info = m.run(LiveHostIO(Sandbox([]), [b"k", str(n).encode()], [], Console(quiet=True), m.tsc_khz), Sink())
-    m.close()
+    with session.build_run(session.SessionConfig(kernel=str(guests["compute"]), args=[str(n)], quiet=True)) as s:
+        s.sink = Sink()
+        info = s.run()
     assert info.code == 0 and len(seen) == len(exits)
 
 

@@ -11,27 +11,32 @@ import pytest
 from test_guests import FILES_OUT
 
 from helpers import run_cli
-from tracevisor import replay
+from tracevisor import replay, session
 from tracevisor.errors import TracevisorError
 from tracevisor.trace import TraceWriter, open_trace
 
 pytestmark = pytest.mark.kvm
 
 CASES = {
-    "hello": ([], []),
-    "hello-pie": ([], []),
-    "plain": ([], []),
-    "args": ([], ["a", "b c"]),
-    "exitcode": ([], ["7"]),
-    "compute": ([], ["300"]),
-    "smp": (["-c", "2"], []),
+    "hello": ({}, []),
+    "hello-pie": ({}, []),
+    "plain": ({}, []),
+    "args": ({}, ["a", "b c"]),
+    "exitcode": ({}, ["7"]),
+    "compute": ({}, ["300"]),
+    "smp": ({"cpus": 2}, []),
 }
 
 
-def record(tmp_path, guests, name, opts=(), args=(), out=None):
+def record(tmp_path, guests, name, opts=None, args=(), out=None):
+    """Record with the Python API; returns (trace, StopInfo)."""
     out = out or tmp_path / f"{name}.tvt"
-    r = run_cli("record", "--no-host-env", "--env", "K=V", *opts, "-o", str(out), str(guests[name]), *args)
-    return out, r
+    return out, session.record(guests[name], out, args=args, env=["K=V"], **(opts or {}))
+
+
+def console_out(trace) -> bytes:
+    """What the recording printed on stdout (UART and fd 1 share it)."""
+    return b"".join(e["data"] for e in open_trace(trace).events(kinds=["console"]) if e["stream"] != "stderr")
 
 
 def snapshot(d):
@@ -42,13 +47,13 @@ def snapshot(d):
 def test_examples_replay_cleanly_twice(tmp_path, guests, name):
     opts, args = CASES[name]
     trace, rec = record(tmp_path, guests, name, opts, args)
-    assert rec.returncode in (0, 7), rec.stderr
+    assert rec.status in (0, 7), rec.message
     outs = []
     for _ in range(2):
         r = run_cli("replay", str(trace))
-        assert r.returncode == rec.returncode, r.stderr
+        assert r.returncode == rec.status, r.stderr
         assert b"replay verified" in r.stderr and b"identical to the recording" in r.stderr
-        assert r.stdout == rec.stdout
+        assert r.stdout == console_out(trace)
         outs.append((r.stdout, r.stderr.split(b"replay verified")[1]))
     assert outs[0] == outs[1]
 
@@ -57,8 +62,8 @@ def test_files_replay_touches_no_host_file(tmp_path, guests):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     (mnt / "keep.txt").write_text("untouched")
-    trace, rec = record(tmp_path, guests, "files", ["--mount", str(mnt)])
-    assert rec.returncode == 0 and rec.stdout.decode() == FILES_OUT
+    trace, rec = record(tmp_path, guests, "files", {"mounts": [str(mnt)]})
+    assert rec.status == 0 and console_out(trace).decode() == FILES_OUT
     # the guest deleted data.txt itself; also delete everything else it could have touched
     before = snapshot(mnt)
     r = run_cli("replay", str(trace))
@@ -116,7 +121,7 @@ def rewrite(src, dst, change):
 def test_edited_read_result_is_a_divergence(tmp_path, guests):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    trace, rec = record(tmp_path, guests, "files", ["--mount", str(mnt)])
+    trace, rec = record(tmp_path, guests, "files", {"mounts": [str(mnt)]})
     done = []
 
     def change(kind, ev):
@@ -139,7 +144,7 @@ def test_edited_read_result_is_a_divergence(tmp_path, guests):
 def test_offline_walk_rebuilds_file_table_and_console(tmp_path, guests):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    trace, _ = record(tmp_path, guests, "files", ["--mount", str(mnt)])
+    trace, _ = record(tmp_path, guests, "files", {"mounts": [str(mnt)]})
     w = replay.open(trace)
     seen_tables = []
     for ev in w.events(kinds=["hypercall"]):
@@ -159,7 +164,7 @@ def test_offline_walk_rebuilds_file_table_and_console(tmp_path, guests):
 def test_callbacks_see_every_hypercall_with_registers(tmp_path, guests):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    trace, _ = record(tmp_path, guests, "files", ["--mount", str(mnt)])
+    trace, _ = record(tmp_path, guests, "files", {"mounts": [str(mnt)]})
     recorded = [e["seq"] for e in open_trace(trace).events(kinds=["hypercall"])]
     seen = []
 
@@ -240,8 +245,8 @@ def _first(op, field, value):
 def test_malformed_recorded_answers_are_divergences_not_tracebacks(tmp_path, guests, op, field, value, message):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    trace, rec = record(tmp_path, guests, "files", ["--mount", str(mnt)])
-    assert rec.returncode == 0
+    trace, rec = record(tmp_path, guests, "files", {"mounts": [str(mnt)]})
+    assert rec.status == 0
     crafted = tmp_path / "crafted.tvt"
     rewrite(trace, crafted, _first(op, field, value))
     r = run_cli("replay", "-q", str(crafted))

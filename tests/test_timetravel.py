@@ -6,8 +6,7 @@ import hashlib
 
 import pytest
 
-from helpers import run_cli
-from tracevisor import replay
+from tracevisor import replay, session
 from tracevisor.errors import TracevisorError
 from tracevisor.trace import open_trace
 
@@ -17,8 +16,8 @@ pytestmark = pytest.mark.kvm
 @pytest.fixture(scope="module")
 def compute_trace(guests, tmp_path_factory):
     out = tmp_path_factory.mktemp("tt") / "compute.tvt"
-    r = run_cli("record", "-q", "--no-host-env", "-o", str(out), str(guests["compute"]), "3000")
-    assert r.returncode == 0, r.stderr
+    stop = session.record(guests["compute"], out, args=["3000"])
+    assert stop.status == 0, stop.message
     return out
 
 
@@ -91,7 +90,7 @@ def test_reverse_continue_and_reverse_step_in_the_replay_target(guests, tmp_path
     mnt = tmp_path / "m"
     mnt.mkdir()
     trace = tmp_path / "files.tvt"
-    assert run_cli("record", "-q", "--mount", str(mnt), "-o", str(trace), str(guests["files"])).returncode == 0
+    assert session.record(guests["files"], trace, mounts=[str(mnt)]).status == 0
     with open(guests["files"], "rb") as f:
         sym = {s.name: s["st_value"] for s in ELFFile(f).get_section_by_name(".symtab").iter_symbols()}
     with replay.Replayer(trace, checkpoint_every=20) as r:

@@ -70,3 +70,26 @@ def test_numpy_dtype_matches_the_row():
     assert dt.itemsize == schema.EXIT_ROW_SIZE
     row = schema.EXIT_ROW.pack(1, 2, 3, 4, 5, 6, 7, 8)
     assert np.frombuffer(row, dtype=dt).tolist() == [(1, 2, 3, 4, 5, 6, 7, 8)]
+
+
+def test_hypercall_args_keys_are_what_the_sample_traces_carry():
+    """The documented `args` keys come from the hypercall table, and recordings carry exactly them."""
+    from pathlib import Path
+
+    from tracevisor.trace import open_trace
+
+    seen = set()
+    for path in sorted((Path(__file__).resolve().parent.parent / "traces").glob("*.tvt")):
+        for ev in open_trace(path).events(kinds=["hypercall"]):
+            assert tuple(ev["args"]) == schema.HYPERCALL_ARGS[ev["call"]], (path.name, ev)
+            seen.add(ev["call"])
+    assert {"cmdsize", "cmdval", "write", "exit"} <= seen
+    assert "uart" not in schema.HYPERCALL_PORTS  # console bytes are console events, never hypercalls
+
+
+def test_every_host_request_is_named_in_the_schema():
+    from tracevisor.hostio import HOST_OPS
+
+    doc = next(f.doc for f in schema.KINDS["hostio"].required if f.name == "op")
+    for name in HOST_OPS:
+        assert name in doc, name

@@ -42,8 +42,7 @@ class Checkpoint:
     vcpus: list[VcpuSnapshot]
     pages: dict[int, bytes]  # full RAM for the first checkpoint, else pages changed since the previous one
     extra: dict = field(default_factory=dict)  # caller state (stream positions, counters, …)
-    pci_address: int = 0
-    devices: dict = field(default_factory=dict)  # device state, e.g. {"net": VirtioNet.save()}
+    devices: dict = field(default_factory=dict)  # each device's save(), by name: {"pci": …, "net": …}
 
     @property
     def nbytes(self) -> int:
@@ -93,10 +92,7 @@ class CheckpointStore:
         else:
             pages = {p: mem.page(p) for p in dirty}
         cp = Checkpoint(position, [self._vcpu(v) for v in self.machine.vcpus], pages, dict(extra or {}),
-                        self.machine.pci.address)
-        net = getattr(self.machine, "net", None)
-        if net is not None:
-            cp.devices["net"] = net.save()
+                        {name: dev.save() for name, dev in self.machine.devices.items()})
         self.checkpoints.append(cp)
         if len(self.checkpoints) > self.max_checkpoints:
             self._fold(1)
@@ -147,10 +143,8 @@ class CheckpointStore:
             v.started, v.finished = snap.started, snap.finished
             v.stop_request = None
             v.parked = False
-        self.machine.pci.address = cp.pci_address
-        net = getattr(self.machine, "net", None)
-        if net is not None and "net" in cp.devices:
-            net.load(cp.devices["net"])
+        for name, state in cp.devices.items():
+            self.machine.devices[name].restore(state)
         return cp
 
     @property

@@ -21,6 +21,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .sandbox import Sandbox, is_refusal
@@ -29,6 +30,49 @@ STDIN, STDOUT, STDERR = 0, 1, 2
 MAX_GUEST_FILES = 512
 MAX_IO_CHUNK = 1 << 26  # one READ never asks the host for more than 64 MiB at once
 MAX_LOG = 1000  # refusals kept for -v: a guest repeating a refused request must not grow host memory
+
+
+def console_stream(fd: int) -> str | None:
+    """The console stream a guest fd writes to: fd 1 is "stdout", fd 2 "stderr", any other fd none.
+    (Whether the guest still has it open is the live HostIO's business: after CLOSE of fd 1 a WRITE fails.)"""
+    return "stdout" if fd == STDOUT else "stderr" if fd == STDERR else None
+
+
+I32 = (-(1 << 31), (1 << 31) - 1)
+I64 = (-(1 << 63), (1 << 63) - 1)
+U32 = (0, (1 << 32) - 1)
+
+
+@dataclass(frozen=True)
+class HostOp:
+    """One kind of host request as a ``hostio`` trace event records it.
+
+    ``args`` turns the HostIO method's arguments (after ``cpu``) into the event's ``args`` list: the
+    recording HostIO writes it, the replaying one asks for exactly it.  ``ret`` is the range of an integer
+    answer — what the guest's field (or the boot info) can hold — or None; ``data``: the answer carries
+    bytes (the event's ``data`` field)."""
+
+    name: str
+    args: Callable[..., list]
+    ret: tuple[int, int] | None
+    data: bool = False
+
+
+#: The host requests, by the ``op`` name of their ``hostio`` events (the method of the same role is
+#: HostIO.<method>: open, close, read, write, lseek, unlink, cmdline, boot_time_ns, cpu_freq_khz, net_rx).
+HOST_OPS: dict[str, HostOp] = {op.name: op for op in (
+    HostOp("open", lambda path, flags, mode: [bytes(path), flags, mode], I32),
+    HostOp("close", lambda fd: [fd], I32),
+    HostOp("read", lambda fd, length: [fd, length], I64, data=True),
+    HostOp("write", lambda fd, data: [fd, len(data)], I64),
+    HostOp("lseek", lambda fd, offset, whence: [fd, offset, whence], I64),
+    HostOp("unlink", lambda path: [bytes(path)], I32),
+    HostOp("cmdline", lambda: [], None),
+    HostOp("boot_time", lambda: [], I64),
+    HostOp("cpu_freq", lambda: [], U32),
+    HostOp("net_rx", lambda poll: [poll], None, data=True),  # logged only when a frame arrived
+)}
+OPEN, CLOSE, READ, WRITE, LSEEK, UNLINK, CMDLINE, BOOT_TIME, CPU_FREQ, NET_RX = HOST_OPS.values()
 
 
 class HostIO:
@@ -370,8 +414,9 @@ class LiveHostIO(ConsoleBackend):
                 f"(first: {self.first_policy_refusal}); -v lists every failed request"] + failures
 
     def write(self, cpu, fd, data):
-        if fd in (STDOUT, STDERR) and fd not in self.closed_stdio:
-            self.console_out.write("stdout" if fd == STDOUT else "stderr", data)
+        stream = console_stream(fd)
+        if stream is not None and fd not in self.closed_stdio:
+            self.console_out.write(stream, data)
             return len(data)
         with self._lock:
             f = self.files.get(fd)
@@ -474,67 +519,62 @@ class RecordingHostIO(HostIO):
         take = getattr(self.inner, "take_error", None)
         return take(cpu) if take is not None else None
 
-    def _log(self, cpu: int, op: str, args: list, ret, data: bytes | None = None, error: str | None = None) -> None:
-        fields = {"op": op, "args": args, "ret": ret}
+    def _log(self, cpu: int, op: HostOp, args: tuple, ret, data: bytes | None = None,
+             error: str | None = None) -> None:
+        fields = {"op": op.name, "args": op.args(*args), "ret": ret}
         if data:
             fields["data"] = data
         if error:  # the host operation failed or was partial: counted in the trace (analysis, dump)
             fields["error"] = error
         self.writer.event("hostio", cpu, self.clock(), **fields)
 
-    def open(self, cpu, path, flags, mode):
-        ret = self.inner.open(cpu, path, flags, mode)
-        self._log(cpu, "open", [path, flags, mode], ret)
+    def _ask(self, op: HostOp, method, cpu: int, *args):
+        """Ask the inner HostIO and log request and answer."""
+        ret = method(cpu, *args)
+        self._log(cpu, op, args, ret)
         return ret
 
+    def open(self, cpu, path, flags, mode):
+        return self._ask(OPEN, self.inner.open, cpu, path, flags, mode)
+
     def close(self, cpu, fd):
-        ret = self.inner.close(cpu, fd)
-        self._log(cpu, "close", [fd], ret)
-        return ret
+        return self._ask(CLOSE, self.inner.close, cpu, fd)
 
     def read(self, cpu, fd, length):
         ret, data = self.inner.read(cpu, fd, length)
-        self._log(cpu, "read", [fd, length], ret, data, self._error(cpu))
+        self._log(cpu, READ, (fd, length), ret, data, self._error(cpu))
         return ret, data
 
     def write(self, cpu, fd, data):
         ret = self.inner.write(cpu, fd, data)
-        if fd in (STDOUT, STDERR) and ret >= 0:  # not after the guest closed its fd 1/2: nothing was shown
+        stream = console_stream(fd)
+        if stream is not None and ret >= 0:  # not after the guest closed its fd 1/2: nothing was shown
             self._flush_uart(cpu)
-            self.writer.event("console", cpu, self.clock(), stream="stdout" if fd == STDOUT else "stderr",
-                              data=bytes(data))
-        self._log(cpu, "write", [fd, len(data)], ret, error=self._error(cpu))
+            self.writer.event("console", cpu, self.clock(), stream=stream, data=bytes(data))
+        self._log(cpu, WRITE, (fd, data), ret, error=self._error(cpu))
         return ret
 
     def lseek(self, cpu, fd, offset, whence):
-        ret = self.inner.lseek(cpu, fd, offset, whence)
-        self._log(cpu, "lseek", [fd, offset, whence], ret)
-        return ret
+        return self._ask(LSEEK, self.inner.lseek, cpu, fd, offset, whence)
 
     def unlink(self, cpu, path):
-        ret = self.inner.unlink(cpu, path)
-        self._log(cpu, "unlink", [path], ret)
-        return ret
+        return self._ask(UNLINK, self.inner.unlink, cpu, path)
 
     def cmdline(self, cpu):
         argv, env = self.inner.cmdline(cpu)
-        self._log(cpu, "cmdline", [], [list(argv), list(env)])
+        self._log(cpu, CMDLINE, (), [list(argv), list(env)])
         return argv, env
 
     def boot_time_ns(self, cpu):
-        ret = self.inner.boot_time_ns(cpu)
-        self._log(cpu, "boot_time", [], ret)
-        return ret
+        return self._ask(BOOT_TIME, self.inner.boot_time_ns, cpu)
 
     def cpu_freq_khz(self, cpu):
-        ret = self.inner.cpu_freq_khz(cpu)
-        self._log(cpu, "cpu_freq", [], ret)
-        return ret
+        return self._ask(CPU_FREQ, self.inner.cpu_freq_khz, cpu)
 
     def net_rx(self, cpu, poll):
         frame = self.inner.net_rx(cpu, poll)
         if frame is not None:  # delivery points without a frame are not logged (replay: no event = no frame)
-            self._log(cpu, "net_rx", [poll], len(frame), frame)
+            self._log(cpu, NET_RX, (poll,), len(frame), frame)
         return frame
 
     def net_tx(self, cpu, frame):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from . import arch_x86_64 as arch
 from . import hypercalls, signals
 from .clock import Clock
+from .devices.base import Device, DeviceContext
 from .devices.pci import CONFIG_ADDRESS, CONFIG_DATA, PciBus
 from .errors import GuestError, TracevisorError
 from .kvm import uapi as U
@@ -64,7 +65,6 @@ class VmConfig:
     hide_rdrand: bool = True
     cpuid_rows: list[list[int]] | None = None  # replay: the recorded table instead of the host's
     stagger_s: float = AP_STAGGER_S
-    net: str | None = None  # --net SPEC: a virtio-net device (its backend belongs to the HostIO)
 
     def validate(self) -> None:
         if not MIN_MEMORY <= self.memory <= MAX_MEMORY:
@@ -109,11 +109,16 @@ class Machine:
         self.pci = PciBus()
         self.ports = Ports()
         self._setup_ports()
-        self.net = None
-        if config.net:
-            from .devices.virtio_net import attach
+        self.devices: dict[str, Device] = {self.pci.name: self.pci}
+        self.device_context = DeviceContext(self.memory, self.ports, self.pci, lambda msg: self.log(msg))
 
-            self.net = attach(self, config.net)
+    def add_device(self, make: Callable[[DeviceContext], Device]) -> Device:
+        """Attach a device built by ``make(context)`` (before boot); its state joins checkpoints."""
+        dev = make(self.device_context)
+        if dev.name in self.devices:
+            raise TracevisorError(f"the VM already has a device named {dev.name!r}")
+        self.devices[dev.name] = dev
+        return dev
 
     # -- creation ----------------------------------------------------------------------------------
     def _setup_vm(self) -> None:
@@ -150,19 +155,6 @@ class Machine:
         self.ports.register(range(CONFIG_DATA, CONFIG_DATA + 4),
                             lambda v, port, size, value: pci.write_data(port, size, value),
                             lambda v, port, size: pci.read_data(port, size))
-
-    def register_ports(self, ports, out_handler=None, in_handler=None) -> None:
-        """Devices add their I/O ports: out_handler(v, port, size, value), in_handler(v, port, size)."""
-        self.ports.register(ports, out_handler, in_handler)
-
-    @property
-    def trace(self):
-        """The trace sink (devices emit their events through it)."""
-        return self.sink
-
-    def now(self) -> int:
-        """ns on the session's trace clock."""
-        return self.clock.now()
 
     def describe(self) -> dict:
         """Facts for a trace header."""
@@ -216,6 +208,7 @@ class Machine:
         self.sink = sink
         if clock is not None:
             self.clock = clock
+        self.device_context.bind(hostio, sink, self.clock)
         self._boot()
         dispatcher = ExitDispatcher(self.ports, sink, self.clock, self.reporter)
         self.runner = VcpuRunner(dispatcher, self._stopping, self.stop, self.pause_requested,

@@ -27,6 +27,7 @@ import struct
 from dataclasses import dataclass, field
 
 from .errors import TracevisorError
+from .netparse import format_mac, parse_mac
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -46,8 +47,6 @@ class NetSpec:
     options: dict = field(default_factory=dict)
 
     def describe(self) -> str:
-        from .devices.virtio_net import format_mac
-
         return f"{self.kind}:{self.target} (guest MAC {format_mac(self.mac)})"
 
 
@@ -66,7 +65,7 @@ def _host_port(text: str, what: str, default_host: str = "127.0.0.1") -> tuple[s
 
 def parse_net_spec(spec: str) -> NetSpec:
     """``--net SPEC`` → :class:`NetSpec`; a bad spec is a :class:`TracevisorError` naming what is wrong."""
-    from .devices.virtio_net import DEFAULT_MAC, parse_mac
+    from .devices.virtio_net import DEFAULT_MAC
 
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in ("tap", "udp"):

@@ -9,9 +9,26 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from .errors import TracevisorError
 
-def _mac(b: bytes) -> str:
-    return ":".join(f"{x:02x}" for x in b)
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{x:02x}" for x in mac)
+
+
+def parse_mac(text: str) -> bytes:
+    """``52:54:00:12:34:56`` (or with dashes) → 6 bytes; a unicast address only."""
+    parts = text.replace("-", ":").split(":")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        mac = b""
+    if len(mac) != 6 or any(len(p) != 2 for p in parts):
+        raise TracevisorError(f"bad MAC address {text!r}: use six hex bytes, e.g. 52:54:00:12:34:56")
+    if mac[0] & 1:
+        raise TracevisorError(f"MAC address {text} is a multicast address; the low bit of the first byte "
+                              "must be 0")
+    return mac
 
 
 def parse_frame(frame: bytes) -> dict:
@@ -20,7 +37,7 @@ def parse_frame(frame: bytes) -> dict:
     n = len(frame)
     if n < 14:
         return out
-    out["eth_dst"], out["eth_src"] = _mac(frame[0:6]), _mac(frame[6:12])
+    out["eth_dst"], out["eth_src"] = format_mac(frame[0:6]), format_mac(frame[6:12])
     etype = int.from_bytes(frame[12:14], "big")
     off = 14
     if etype == 0x8100 and n >= 18:
@@ -77,7 +94,7 @@ def summary(frame: bytes) -> str:
         if op == 1:
             return f"ARP who-has {f['ip_dst']} tell {f['ip_src']}"
         if op == 2:
-            return f"ARP reply {f['ip_src']} is-at {_mac(frame[off + 8:off + 14])}"
+            return f"ARP reply {f['ip_src']} is-at {format_mac(frame[off + 8:off + 14])}"
         return f"ARP op {op} {f['ip_src']} > {f['ip_dst']}"
     if "ip_src" not in f:
         return f"ethertype 0x{f['ethertype']:04x} {f['eth_src']} > {f['eth_dst']}"

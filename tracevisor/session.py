@@ -72,7 +72,7 @@ class SessionConfig:
 
     def __post_init__(self) -> None:
         self.kernel = os.fspath(self.kernel)
-        self.args = [str(a) for a in self.args]
+        self.args = [a.decode("utf-8", "surrogateescape") if isinstance(a, bytes) else str(a) for a in self.args]
         self.mounts = [os.fspath(m) for m in self.mounts]
         self.env = list(self.env)
         if isinstance(self.memory, str):
@@ -83,7 +83,7 @@ class SessionConfig:
     def vm_config(self) -> VmConfig:
         return VmConfig(kernel=self.kernel, args=list(self.args), memory=self.memory, cpus=self.cpus,
                         verbose=self.verbose, pit=self.pit, timeout=self.timeout, hide_rdrand=self.hide_rdrand,
-                        cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s, net=self.net)
+                        cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s)
 
     def validate(self) -> None:
         """Every problem of the configuration itself as one TracevisorError (kernel and mounts excepted)."""
@@ -283,8 +283,20 @@ def _prepare(config: SessionConfig, image: KernelImage | None) -> _Host:
 
 def build_machine(config: SessionConfig, image: KernelImage,
                   log: Callable[[str], None] | None = None) -> Machine:
-    """The VM for ``config`` (created, not booted)."""
-    return Machine(config.vm_config(), image, log=log)
+    """The VM for ``config`` with its devices (created, not booted).  A device's backend is the HostIO's
+    business, so a replay creates the same devices without touching any network."""
+    machine = Machine(config.vm_config(), image, log=log)
+    try:
+        if config.net:
+            from .devices.virtio_net import VirtioNet
+            from .netbackend import parse_net_spec
+
+            mac = parse_net_spec(config.net).mac
+            machine.add_device(lambda ctx: VirtioNet(ctx, mac=mac))
+    except BaseException:
+        machine.close()
+        raise
+    return machine
 
 
 def build_run(config: SessionConfig, image: KernelImage | None = None) -> Session:

@@ -6,6 +6,8 @@ and ignore writes, which is how a guest's bus scan learns that nothing is there.
 
 from __future__ import annotations
 
+from .base import Device
+
 CONFIG_ADDRESS = 0xCF8
 CONFIG_DATA = 0xCFC
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF}
@@ -21,13 +23,23 @@ class PciFunction:
         raise NotImplementedError
 
 
-class PciBus:
+class PciBus(Device):
+    """The configuration mechanism's state (the address register) and the functions on the bus."""
+
+    name = "pci"
+
     def __init__(self) -> None:
         self.address = 0
         self.functions: dict[tuple[int, int, int], PciFunction] = {}
 
     def register(self, bus: int, device: int, function: int, fn: PciFunction) -> None:
         self.functions[(bus, device, function)] = fn
+
+    def save(self) -> dict:
+        return {"address": self.address}
+
+    def restore(self, state: dict) -> None:
+        self.address = state["address"]
 
     def _target(self, port: int) -> tuple[PciFunction | None, int]:
         a = self.address

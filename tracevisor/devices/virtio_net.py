@@ -15,7 +15,8 @@ What the guest sees (docs/network.md has the full description and how it differs
   The RX queue's used ring carries VRING_USED_F_NO_NOTIFY: the driver need not notify after re-posting
   RX buffers, the device looks at them at each of those accesses.
 
-Frames go out and come in through the machine's HostIO (``net_tx``/``net_rx``), never a socket: the live
+Frames go out and come in through the session's HostIO (``net_tx``/``net_rx``, the device context's
+``hostio``), never a socket: the live
 HostIO talks to the TAP/UDP backend, the recording one logs what came in, the replaying one answers from
 the trace.  A malformed ring sets DEVICE_NEEDS_RESET and stops the VM with a :class:`GuestError` that
 names the problem (tracevisor/devices/virtqueue.py validates every guest-controlled value).
@@ -26,7 +27,8 @@ from __future__ import annotations
 import struct
 import threading
 
-from ..errors import GuestError, TracevisorError
+from ..errors import GuestError
+from .base import Device, DeviceContext
 from .pci import PciFunction
 from .virtqueue import QueueError, VirtQueue
 
@@ -82,24 +84,6 @@ DEFAULT_MAC = bytes.fromhex("525400123456")
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF}
 
 
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
-def parse_mac(text: str) -> bytes:
-    parts = text.replace("-", ":").split(":")
-    try:
-        mac = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        mac = b""
-    if len(mac) != 6 or any(len(p) != 2 for p in parts):
-        raise TracevisorError(f"bad MAC address {text!r}: use six hex bytes, e.g. 52:54:00:12:34:56")
-    if mac[0] & 1:
-        raise TracevisorError(f"MAC address {text} is a multicast address; the low bit of the first byte "
-                              "must be 0")
-    return mac
-
-
 class VirtioNetPci(PciFunction):
     """The device's PCI configuration space (type-0 header, 256 bytes)."""
 
@@ -152,22 +136,24 @@ class VirtioNetPci(PciFunction):
         # everything else is read-only (unimplemented BARs 1-5 read 0, so sizing them yields 0)
 
 
-class VirtioNet:
+class VirtioNet(Device):
     """The device: register block, the two queues, and the trace of what it did."""
 
-    def __init__(self, machine, mac: bytes = DEFAULT_MAC, link_up: bool = True) -> None:
-        self.machine = machine
+    name = "net"
+
+    def __init__(self, ctx: DeviceContext, mac: bytes = DEFAULT_MAC, link_up: bool = True) -> None:
+        self.ctx = ctx
         self.mac = bytes(mac)
         self.link_up = link_up
         self.pci = VirtioNetPci(self)
-        self.queues = [VirtQueue(machine.memory, RX, QUEUE_SIZE, "RX queue"),
-                       VirtQueue(machine.memory, TX, QUEUE_SIZE, "TX queue")]
+        self.queues = [VirtQueue(ctx.memory, RX, QUEUE_SIZE, "RX queue"),
+                       VirtQueue(ctx.memory, TX, QUEUE_SIZE, "TX queue")]
         self._ports: set[int] = set()
         self._noted: set[str] = set()
         self._lock = threading.Lock()  # several vCPUs may touch the registers at once
         self.stats = {"rx": 0, "tx": 0, "rx_dropped": 0, "tx_dropped": 0}
         self.reset()
-        machine.pci.register(*PCI_LOCATION, self.pci)
+        ctx.register_pci(*PCI_LOCATION, self.pci)
         self.bar_moved()
 
     # -- state ------------------------------------------------------------------------------------
@@ -188,7 +174,7 @@ class VirtioNet:
                 "config": bytes(self.pci.space), "queues": [q.save() for q in self.queues],
                 "stats": dict(self.stats)}
 
-    def load(self, st: dict) -> None:
+    def restore(self, st: dict) -> None:
         self.status, self.guest_features = st["status"], st["guest_features"]
         self.queue_sel, self.isr, self.broken, self.polls = st["queue_sel"], st["isr"], st["broken"], st["polls"]
         self.pci.space[:] = st["config"]
@@ -209,18 +195,13 @@ class VirtioNet:
             return
         new = [p for p in range(base, base + IO_SIZE) if p not in self._ports]
         if new:
-            self.machine.register_ports(new, self.io_write, self.io_read)
+            self.ctx.register_ports(new, self.io_write, self.io_read)
             self._ports.update(new)
 
     def _note(self, key: str, message: str) -> None:
         if key not in self._noted:
             self._noted.add(key)
-            self.machine.log(f"virtio-net: {message}")
-
-    def _event(self, kind: str, cpu: int, **fields) -> None:
-        trace = self.machine.trace
-        if trace is not None:
-            trace.event(kind, cpu, self.machine.now(), **fields)
+            self.ctx.log(f"virtio-net: {message}")
 
     # -- register access ----------------------------------------------------------------------------
     def _offset(self, port: int) -> int | None:
@@ -277,7 +258,7 @@ class VirtioNet:
                 self._note("feat-extra", f"guest asked for features {value & ~HOST_FEATURES:#x} that the device "
                                          "does not offer; they are not enabled")
             self.guest_features = value & HOST_FEATURES
-            self._event("virtio", v.cpu, op="features", features=self.guest_features, requested=value)
+            self.ctx.event("virtio", v.cpu, op="features", features=self.guest_features, requested=value)
         elif off == REG_QUEUE_PFN and size == 4:
             if self.queue_sel >= len(self.queues):
                 self._note("pfn-sel", f"queue PFN written for queue {self.queue_sel}, which does not exist; ignored")
@@ -286,7 +267,7 @@ class VirtioNet:
             q.set_pfn(value)
             if q.index == RX and q.ready:
                 q.set_no_notify(True)
-            self._event("virtio", v.cpu, op="queue", queue=q.index, pfn=value, addr=q.desc_addr, size=q.size)
+            self.ctx.event("virtio", v.cpu, op="queue", queue=q.index, pfn=value, addr=q.desc_addr, size=q.size)
         elif off == REG_QUEUE_SEL and size == 2:
             self.queue_sel = value
         elif off == REG_QUEUE_NOTIFY and size == 2:
@@ -307,20 +288,20 @@ class VirtioNet:
         old = self.status
         if value == 0:
             self.reset()
-            self._event("virtio", v.cpu, op="reset", status=0, old=old)
+            self.ctx.event("virtio", v.cpu, op="reset", status=0, old=old)
             return
         if self.broken:
             self._note("broken", "the device needs a reset (status 0) after an error; status write ignored")
             return
         self.status = value & 0xFF
-        self._event("virtio", v.cpu, op="status", status=self.status, old=old)
+        self.ctx.event("virtio", v.cpu, op="status", status=self.status, old=old)
 
     def _fail(self, v, err: GuestError) -> None:
         """A malformed ring: the device stops (DEVICE_NEEDS_RESET) and the error stops the VM."""
         self.status |= S_NEEDS_RESET
         self.broken = True
         try:
-            self._event("virtio", v.cpu, op="error", status=self.status, message=str(err))
+            self.ctx.event("virtio", v.cpu, op="error", status=self.status, message=str(err))
         except Exception:  # a replay that diverges here reports the divergence, not this
             pass
 
@@ -329,7 +310,7 @@ class VirtioNet:
         q = self.queues[TX]
         if not q.ready:
             return
-        hostio = self.machine.hostio
+        hostio = self.ctx.hostio
         sent = 0
         while sent < QUEUE_SIZE:
             chain = q.pop()
@@ -351,10 +332,10 @@ class VirtioNet:
                 hostio.net_tx(v.cpu, frame)
             used = q.push(chain, 0)
             sent += 1
-            self._event("virtio", v.cpu, op="chain", queue=TX, head=chain.head, slot=chain.avail_slot,
+            self.ctx.event("virtio", v.cpu, op="chain", queue=TX, head=chain.head, slot=chain.avail_slot,
                         descs=[d.as_list() for d in chain.descs], len=len(data), used_idx=used, data=data)
             fields = {"dropped": dropped} if dropped else {}
-            self._event("net", v.cpu, dir="tx", frame=frame, len=len(frame), queue=TX, head=chain.head, **fields)
+            self.ctx.event("net", v.cpu, dir="tx", frame=frame, len=len(frame), queue=TX, head=chain.head, **fields)
             self.stats["tx_dropped" if dropped else "tx"] += 1
         if sent:
             self.isr |= ISR_QUEUE
@@ -365,7 +346,7 @@ class VirtioNet:
             return
         self.polls += 1
         poll = self.polls
-        hostio = self.machine.hostio
+        hostio = self.ctx.hostio
         delivered = 0
         for _ in range(RX_BURST):
             chain = q.peek()
@@ -379,7 +360,7 @@ class VirtioNet:
                 break
             frame = bytes(frame)
             if NET_HDR + len(frame) > chain.write_len:
-                self._event("net", v.cpu, dir="rx", frame=frame, len=len(frame), queue=RX, head=chain.head,
+                self.ctx.event("net", v.cpu, dir="rx", frame=frame, len=len(frame), queue=RX, head=chain.head,
                             poll=poll, via=via, dropped=f"the buffer ({chain.write_len} bytes) is smaller than "
                                                         f"header + frame ({NET_HDR + len(frame)})")
                 self.stats["rx_dropped"] += 1
@@ -389,20 +370,10 @@ class VirtioNet:
             n = q.write_chain(chain, data)
             used = q.push(chain, n)
             delivered += 1
-            self._event("virtio", v.cpu, op="chain", queue=RX, head=chain.head, slot=chain.avail_slot,
+            self.ctx.event("virtio", v.cpu, op="chain", queue=RX, head=chain.head, slot=chain.avail_slot,
                         descs=[d.as_list() for d in chain.descs], len=n, used_idx=used, data=data)
-            self._event("net", v.cpu, dir="rx", frame=frame, len=len(frame), queue=RX, head=chain.head,
+            self.ctx.event("net", v.cpu, dir="rx", frame=frame, len=len(frame), queue=RX, head=chain.head,
                         poll=poll, via=via)
             self.stats["rx"] += 1
         if delivered:
             self.isr |= ISR_QUEUE
-
-
-def attach(machine, spec: str | None) -> VirtioNet | None:
-    """Give ``machine`` a virtio-net device as ``--net SPEC`` asks (the MAC comes from the spec; the backend
-    is the HostIO's business, so a replay creates the same device without any network)."""
-    if not spec or spec == "none":
-        return None
-    from ..netbackend import parse_net_spec
-
-    return VirtioNet(machine, mac=parse_net_spec(spec).mac)

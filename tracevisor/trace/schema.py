@@ -19,6 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..hypercalls import TABLE as _HYPERCALLS
+from ..hypercalls import UART_PORT as _UART_PORT
+from ..kvm import uapi as U
+from ..kvm.uapi import EXIT_REASON_NAMES, exit_reason_name
+
 # --------------------------------------------------------------------------------------------------
 # File layout
 # --------------------------------------------------------------------------------------------------
@@ -88,84 +93,38 @@ EXIT_FIELD_LAYOUT = {
 DIR_IN = 0
 DIR_OUT = 1
 
-#: KVM_EXIT_* numbers (linux/kvm.h) and their names.  Unknown numbers print as ``REASON_<n>``.
-EXIT_REASONS: dict[int, str] = {
-    0: "UNKNOWN",
-    1: "EXCEPTION",
-    2: "IO",
-    3: "HYPERCALL",
-    4: "DEBUG",
-    5: "HLT",
-    6: "MMIO",
-    7: "IRQ_WINDOW_OPEN",
-    8: "SHUTDOWN",
-    9: "FAIL_ENTRY",
-    10: "INTR",
-    11: "SET_TPR",
-    12: "TPR_ACCESS",
-    16: "NMI",
-    17: "INTERNAL_ERROR",
-    24: "SYSTEM_EVENT",
-    26: "IOAPIC_EOI",
-    29: "X86_RDMSR",
-    30: "X86_WRMSR",
-    33: "X86_BUS_LOCK",
-    37: "NOTIFY",
-    39: "MEMORY_FAULT",
-}
-EXIT_IO = 2
-EXIT_DEBUG = 4
-EXIT_HLT = 5
-EXIT_MMIO = 6
-EXIT_SHUTDOWN = 8
-EXIT_FAIL_ENTRY = 9
-EXIT_INTR = 10
-EXIT_INTERNAL_ERROR = 17
-EXIT_SYSTEM_EVENT = 24
+#: The KVM exit reasons the format documents (x86): number → name.  Names come from the one table of
+#: linux/kvm.h names in tracevisor/kvm/uapi.py; rows may carry any other number (see :func:`reason_name`).
+EXIT_REASONS: dict[int, str] = {n: EXIT_REASON_NAMES[n] for n in (
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 17, 24, 26, 29, 30, 33, 37, 39)}
+EXIT_IO = U.KVM_EXIT_IO
+EXIT_DEBUG = U.KVM_EXIT_DEBUG
+EXIT_HLT = U.KVM_EXIT_HLT
+EXIT_MMIO = U.KVM_EXIT_MMIO
+EXIT_SHUTDOWN = U.KVM_EXIT_SHUTDOWN
+EXIT_FAIL_ENTRY = U.KVM_EXIT_FAIL_ENTRY
+EXIT_INTR = U.KVM_EXIT_INTR
+EXIT_INTERNAL_ERROR = U.KVM_EXIT_INTERNAL_ERROR
+EXIT_SYSTEM_EVENT = U.KVM_EXIT_SYSTEM_EVENT
 
-
-def reason_name(reason: int) -> str:
-    """Name of a KVM exit reason number (``REASON_<n>`` when unknown)."""
-    return EXIT_REASONS.get(reason, f"REASON_{reason}")
+#: Name of a KVM exit reason number (``REASON_<n>`` when linux/kvm.h has none).
+reason_name = exit_reason_name
 
 
 # --------------------------------------------------------------------------------------------------
 # Hypercalls (port-I/O, uhyve ABI)
 # --------------------------------------------------------------------------------------------------
 
-#: Hypercall name -> port.
-HYPERCALL_PORTS: dict[str, int] = {
-    "write": 0x400,
-    "open": 0x440,
-    "close": 0x480,
-    "read": 0x500,
-    "exit": 0x540,
-    "lseek": 0x580,
-    "netwrite": 0x640,
-    "netread": 0x680,
-    "netstat": 0x700,
-    "cmdsize": 0x740,
-    "cmdval": 0x780,
-    "uart": 0x800,
-    "unlink": 0x840,
-}
-#: Keys of a hypercall event's ``args`` map: the argument block's fields, by their ABI names (the result
-#: field of a block, ``ret``, is not repeated here: it is the event's top-level ``ret``).
+#: Hypercall name -> port, from the hypercall table (tracevisor/hypercalls.py).
+HYPERCALL_PORTS: dict[str, int] = {h.name: h.port for h in _HYPERCALLS.values()}
+#: Keys of a hypercall event's ``args`` map: the argument block's decoded fields, by their ABI names, from
+#: the same table (the result field of a block, ``ret``, is not repeated here: it is the event's top-level
+#: ``ret``).
 HYPERCALL_ARGS: dict[str, tuple[str, ...]] = {
-    "write": ("fd", "buf", "len"),
-    "open": ("name", "flags", "mode"),
-    "close": ("fd",),
-    "read": ("fd", "buf", "len"),
-    "exit": ("arg",),
-    "lseek": ("fd", "offset", "whence"),
-    "netwrite": (),
-    "netread": (),
-    "netstat": (),
-    "cmdsize": ("argc", "argsz", "envc", "envsz"),
-    "cmdval": ("argv", "envp"),
-    "uart": ("value",),
-    "unlink": ("name",),
-}
+    h.name: tuple(name for name, _off, _fmt in h.layout.fields if name != "ret") if h.layout else ()
+    for h in _HYPERCALLS.values()}
+#: The console port: its bytes are ``console`` events (stream "uart"), never ``hypercall`` events.
+UART_PORT = _UART_PORT
 
 # --------------------------------------------------------------------------------------------------
 # Field specifications (header, footer, rich events)
