@@ -16,6 +16,9 @@ from tracevisor.hostio import (
     LSEEK,
     NET_RX,
     OPEN,
+    RDRAND,
+    RDSEED,
+    RDTSC,
     READ,
     UNLINK,
     WRITE,
@@ -124,6 +127,15 @@ class ReplayingHostIO(ConsoleBackend):
 
     def cpu_freq_khz(self, cpu):
         return self._ret(cpu, CPU_FREQ)[0]
+
+    def rdtsc(self, cpu):
+        return self._ret(cpu, RDTSC)[0]
+
+    def rdrand(self, cpu, bits, seed):
+        ret, rec = self._ret(cpu, RDSEED if seed else RDRAND, bits)
+        if ret >> bits:
+            raise self._malformed(rec, f"{ret:#x} does not fit in {bits} bits")
+        return ret
 
     def net_rx(self, cpu, poll):
         """The frame recorded at delivery point ``poll``, if any.  Only delivery points that got a frame were

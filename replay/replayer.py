@@ -135,7 +135,8 @@ class Replayer:
     SHA-256 differs (divergence detection then shows where it matters)."""
 
     def __init__(self, path: str | os.PathLike, kernel: str | None = None, force: bool = False,
-                 quiet: bool = True, checkpoint_every: int = 0, max_checkpoints: int = 64) -> None:
+                 quiet: bool = True, checkpoint_every: int = 0, max_checkpoints: int = 64,
+                 mode: str | None = None) -> None:
         self.path = os.fspath(path)
         reader = open_trace(self.path)
         self.header = reader.header
@@ -146,7 +147,8 @@ class Replayer:
                 self.recorded_stop = ev
         self.warnings = list(reader.warnings)
         reader.close()
-        self.config, self.image = session.replay_kernel(self.header, self.path, kernel, force)
+        self.config, self.image = session.replay_kernel(self.header, self.path, kernel, force, mode)
+        self.mode = session.replay_mode(self.header, self.path)
         self.quiet = quiet
         self.checkpoint_every = checkpoint_every
         self.max_checkpoints = max_checkpoints
@@ -375,6 +377,11 @@ class Replayer:
                                     message=f"the replayed guest exited (code {info.code}) before the "
                                             f"recording did: recorded events remain on vCPU {ending_cpu}",
                                     report={"leftover": left}, **base)
+            sched = self.machine.sched if self.machine is not None else None
+            if sched is not None and sched.leftover():
+                return ReplayResult(status=int(ExitStatus.DIVERGED), reason=StopReason.DIVERGED, verified=False,
+                                    message=f"the replayed guest exited (code {info.code}) with "
+                                            f"{sched.leftover()} recorded vCPU switches not reached", **base)
             if rec_reason == StopReason.EXIT and rec_code == info.code:
                 return ReplayResult(status=info.status, reason=StopReason.EXIT, verified=True,
                                     message=f"replay verified: {c.matched} events matched ({c.exits} exits), "

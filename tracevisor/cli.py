@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the run cleanly (footer written) once the trace reaches SIZE, e.g. 1G; the run then "
                         "ends with stop reason trace-full and status 1")
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo the guest's console output")
+    p.add_argument("--parallel", action="store_true",
+                   help="record as fast as `run`: vCPUs run in parallel and RDTSC/RDRAND execute natively; "
+                        "such a trace is not exactly replayable (docs/determinism.md). The default is an "
+                        "exact recording")
     add_vm_options(p, record=True)
     p.set_defaults(func=cmd_record)
 
@@ -129,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="do not reproduce the guest's console output")
     p.add_argument("--report", metavar="FILE", help="also write the result (and any divergence) as JSON")
     p.add_argument("--until", type=int, metavar="N", help="stop after recorded event N and print the state")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--exact", dest="mode", action="store_const", const="exact",
+                      help="insist that the trace is an exact recording (refused otherwise)")
+    mode.add_argument("--parallel", dest="mode", action="store_const", const="parallel",
+                      help="insist that the trace is a --parallel recording (refused otherwise)")
     p.add_argument("--gdb", metavar="[HOST:]PORT",
                    help="serve gdb over the replay, with reverse execution (reverse-continue, reverse-stepi, "
                         "reverse-step/next): gdb -ex 'target remote HOST:PORT' KERNEL (docs/time-travel.md)")
@@ -311,15 +320,21 @@ def cmd_record(ns: argparse.Namespace) -> int:
     max_bytes = parse_size(ns.max_trace_size) if ns.max_trace_size else None
     _check_trace_output(ns.output, ns.kernel)
     config = session_config(ns)
+    config.exact = not ns.parallel
     if not (ns.host_env or ns.no_host_env or ns.env) and os.environb:  # said once, unless a choice was made
         print("tracevisor: note: record passes no host environment to the guest (it would be stored in the "
               "trace); use --env NAME for variables the guest needs, --host-env for all", file=sys.stderr)
     started = time.monotonic()
     with session.build_record(config, ns.output, compress=None if ns.compress == "none" else ns.compress,
                               max_bytes=max_bytes, max_bytes_text=ns.max_trace_size) as s:
+        for note in s.machine.exact_notes():
+            print(f"tracevisor: warning: {note}", file=sys.stderr)
         info = s.run()
         for line in s.refusal_notes(ns.verbose):
             print(f"tracevisor: {line}", file=sys.stderr)
+        for note in s.machine.exact_notes():
+            if "overwrote" in note:
+                print(f"tracevisor: warning: {note}", file=sys.stderr)
         summary = s.summary or {}
         status = finish(info)
     wall = time.monotonic() - started
@@ -342,7 +357,7 @@ def cmd_replay(ns: argparse.Namespace) -> int:
         return _replay_gdb(ns)
     if ns.report:
         _check_writable(ns.report, "--report")
-    with Replayer(ns.trace, kernel=ns.kernel, force=ns.force, quiet=ns.quiet) as r:
+    with Replayer(ns.trace, kernel=ns.kernel, force=ns.force, quiet=ns.quiet, mode=ns.mode) as r:
         for w in r.warnings:
             print(f"tracevisor: warning: {w}", file=sys.stderr)
         result = r.run_to(ns.until) if ns.until is not None else r.run()
@@ -390,7 +405,7 @@ def _replay_gdb(ns: argparse.Namespace) -> int:
     parse_gdb_address(ns.gdb)
     if ns.checkpoint_every < 1:
         raise TracevisorError("--checkpoint-every must be at least 1")
-    with Replayer(ns.trace, kernel=ns.kernel, force=ns.force, quiet=ns.quiet,
+    with Replayer(ns.trace, kernel=ns.kernel, force=ns.force, quiet=ns.quiet, mode=ns.mode,
                   checkpoint_every=ns.checkpoint_every) as r:
         if r.config.cpus != 1:
             raise TracevisorError(f"replay --gdb debugs single-vCPU traces (this one has {r.config.cpus})")

@@ -41,6 +41,7 @@ def console_stream(fd: int) -> str | None:
 I32 = (-(1 << 31), (1 << 31) - 1)
 I64 = (-(1 << 63), (1 << 63) - 1)
 U32 = (0, (1 << 32) - 1)
+U64 = (0, (1 << 64) - 1)
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,13 @@ HOST_OPS: dict[str, HostOp] = {op.name: op for op in (
     HostOp("boot_time", lambda: [], I64),
     HostOp("cpu_freq", lambda: [], U32),
     HostOp("net_rx", lambda poll: [poll], None, data=True),  # logged only when a frame arrived
+    # exact mode: patched nondeterministic instructions (tracevisor/ndinsn.py)
+    HostOp("rdtsc", lambda: [], U64),
+    HostOp("rdrand", lambda bits: [bits], U64),
+    HostOp("rdseed", lambda bits: [bits], U64),
 )}
-OPEN, CLOSE, READ, WRITE, LSEEK, UNLINK, CMDLINE, BOOT_TIME, CPU_FREQ, NET_RX = HOST_OPS.values()
+(OPEN, CLOSE, READ, WRITE, LSEEK, UNLINK, CMDLINE, BOOT_TIME, CPU_FREQ, NET_RX,
+ RDTSC, RDRAND, RDSEED) = HOST_OPS.values()
 
 
 class HostIO:
@@ -106,6 +112,15 @@ class HostIO:
         raise NotImplementedError
 
     def cpu_freq_khz(self, cpu: int) -> int:
+        raise NotImplementedError
+
+    def rdtsc(self, cpu: int) -> int:
+        """The value a patched RDTSC/RDTSCP of ``cpu`` reads (the guest's TSC, 64 bits); see ndinsn.py."""
+        raise NotImplementedError
+
+    def rdrand(self, cpu: int, bits: int, seed: bool) -> int:
+        """The ``bits``-bit value a patched RDRAND (RDSEED when ``seed``) of ``cpu`` returns (always
+        successful: CF=1)."""
         raise NotImplementedError
 
     def console(self, cpu: int, stream: str, data: bytes) -> None:
@@ -297,6 +312,7 @@ class LiveHostIO(ConsoleBackend):
         self.env = env
         self.console_out = console
         self.tsc_khz = tsc_khz
+        self._tsc_origin_ns = time.monotonic_ns()  # the guest TSC counts from here (as KVM's starts near 0)
         self.max_files = max_files
         self.files: dict[int, OpenFile] = {}
         self.closed_stdio: set[int] = set()
@@ -483,6 +499,15 @@ class LiveHostIO(ConsoleBackend):
     def cpu_freq_khz(self, cpu):
         return (self.tsc_khz // 1000) * 1000  # whole MHz, as uhyve rounds
 
+    def rdtsc(self, cpu):
+        # KVM's guest TSC runs at tsc_khz from about 0 at VM creation: the same, from the host's monotonic
+        # clock (shared by every vCPU, so the TSC is synchronised and never goes back).
+        khz = self.tsc_khz or 1_000_000
+        return (time.monotonic_ns() - self._tsc_origin_ns) * khz // 1_000_000
+
+    def rdrand(self, cpu, bits, seed):
+        return int.from_bytes(os.urandom(bits // 8), "little")
+
     net = None  # a netbackend.NetBackend when the VM has a network device (the CLI attaches it)
 
     def net_rx(self, cpu, poll):
@@ -570,6 +595,14 @@ class RecordingHostIO(HostIO):
 
     def cpu_freq_khz(self, cpu):
         return self._ask(CPU_FREQ, self.inner.cpu_freq_khz, cpu)
+
+    def rdtsc(self, cpu):
+        return self._ask(RDTSC, self.inner.rdtsc, cpu)
+
+    def rdrand(self, cpu, bits, seed):
+        ret = self.inner.rdrand(cpu, bits, seed)
+        self._log(cpu, RDSEED if seed else RDRAND, (bits,), ret)
+        return ret
 
     def net_rx(self, cpu, poll):
         frame = self.inner.net_rx(cpu, poll)

@@ -65,6 +65,10 @@ class VmConfig:
     hide_rdrand: bool = True
     cpuid_rows: list[list[int]] | None = None  # replay: the recorded table instead of the host's
     stagger_s: float = AP_STAGGER_S
+    # -- exact mode (record's default; docs/determinism.md) --
+    exact: bool = False  # patch RDTSC/RDTSCP/RDRAND/RDSEED sites and answer them from the HostIO; one vCPU at a time
+    nd_sites: dict | None = None  # replay: the recorded site table (header "exact") instead of a new sweep
+    schedule: list | None = None  # replay of an exact multi-vCPU trace: the recorded `sched` events
 
     def validate(self) -> None:
         if not MIN_MEMORY <= self.memory <= MAX_MEMORY:
@@ -111,6 +115,12 @@ class Machine:
         self._setup_ports()
         self.devices: dict[str, Device] = {self.pci.name: self.pci}
         self.device_context = DeviceContext(self.memory, self.ports, self.pci, lambda msg: self.log(msg))
+        self.ndi = None  # ndinsn.Patcher in exact mode
+        self.sched = None  # sched.Scheduler: exact mode with several vCPUs runs one at a time
+        self.kick_signal = KICK_SIGNAL
+        self.started_at = time.monotonic()
+        if config.exact:
+            self._setup_exact()
 
     def add_device(self, make: Callable[[DeviceContext], Device]) -> Device:
         """Attach a device built by ``make(context)`` (before boot); its state joins checkpoints."""
@@ -156,6 +166,68 @@ class Machine:
                             lambda v, port, size, value: pci.write_data(port, size, value),
                             lambda v, port, size: pci.read_data(port, size))
 
+    # -- exact mode: nondeterministic instructions (ndinsn.py) and the vCPU schedule (sched.py) ----------
+    def _setup_exact(self) -> None:
+        from . import ndinsn
+
+        if self.config.nd_sites is not None:
+            try:
+                self.ndi = ndinsn.Patcher.from_header(self.config.nd_sites)
+            except (TypeError, ValueError) as e:
+                raise TracevisorError(f"the recorded table of nondeterministic-instruction sites is malformed: "
+                                      f"{e}") from None
+        else:
+            self.ndi = ndinsn.Patcher(ndinsn.scan_image(self.image).sites)
+        self.ports.register(ndinsn.NDI_PORTS, out_handler=self._nd_exit)
+        if self.config.cpus > 1:
+            from .sched import Scheduler
+
+            self.sched = Scheduler(self, self.config.schedule)
+
+    def _nd_exit(self, v: VcpuState, port: int, size: int, value: int) -> None:
+        """A patched RDTSC/RDTSCP/RDRAND/RDSEED: emulate it with a HostIO value, registers via sync regs."""
+        from . import ndinsn
+
+        regs = list(ndinsn.REGS.unpack_from(v.vcpu.run_mmap, ndinsn.SYNC_REGS_OFFSET))
+        site = self.ndi.at(port, regs[ndinsn.RIP])
+        if site is None:
+            self.runner.dispatcher.unknown_out(v, port, size, value, regs[ndinsn.RIP])
+        self.nd_apply(v, site, regs)
+
+    def nd_apply(self, v: VcpuState, site, regs: list[int]) -> None:
+        """Emulate ``site`` on vCPU ``v`` whose registers are ``regs`` and hand them back to KVM."""
+        from . import ndinsn
+
+        ndinsn.emulate(site, regs, self.hostio, v.cpu,
+                       lambda: v.vcpu.get_msrs([ndinsn.IA32_TSC_AUX]).get(ndinsn.IA32_TSC_AUX, 0))
+        ndinsn.REGS.pack_into(v.vcpu.run_mmap, ndinsn.SYNC_REGS_OFFSET, *regs)
+        v.vcpu.run.kvm_dirty_regs |= U.KVM_SYNC_X86_REGS
+        v.pending_regs = regs
+        self.ndi.answered += 1
+
+    def _nd_debug(self, v: VcpuState, e) -> bool:
+        """A debug exit at a site covered by a debug register (not a patch): emulate it there."""
+        from . import ndinsn
+
+        pc = (e.debug or {}).get("pc")
+        site = self.ndi.by_addr.get(pc)
+        if site is None or site.how != "debugreg" or pc != e.rip:
+            return False
+        if self.sink is not None:  # the breakpoint stands for the exit a patch would have made
+            self.sink.exit(v.cpu, self.clock.now(), U.KVM_EXIT_DEBUG, e.rip, 0, 0, 0, 0)
+        self.nd_apply(v, site, list(ndinsn.REGS.unpack_from(v.vcpu.run_mmap, ndinsn.SYNC_REGS_OFFSET)))
+        return True
+
+    def exact_notes(self) -> list[str]:
+        """What an exact recording could not cover (printed by the recorder, stored with the stop)."""
+        if self.ndi is None:
+            return []
+        notes = [f"{s.kind} at {s.addr:#x} could not be patched safely nor given a debug register: its "
+                 "values are not recorded" for s in self.ndi.uncovered]
+        if self.booted:
+            notes += self.ndi.check_intact(self.memory)
+        return notes
+
     def describe(self) -> dict:
         """Facts for a trace header."""
         return {
@@ -170,6 +242,8 @@ class Machine:
         img, cfg, mem = self.image, self.config, self.memory
         arch.write_boot_structures(mem)
         img.place(mem)
+        if self.ndi is not None:
+            self.ndi.apply(mem)
         boot_time = self.hostio.boot_time_ns(0)
         freq = self.hostio.cpu_freq_khz(0)
         info = arch.BootInfo(
@@ -189,6 +263,8 @@ class Machine:
                 vc.set_mp_state(U.KVM_MP_STATE_RUNNABLE)
             v.ctx.hostio = self.hostio
             v.uart = self.hostio.console_sink(v.cpu, "uart")
+            if self.ndi is not None and self.ndi.debug_sites:
+                vc.set_guest_debug(U.KVM_GUESTDBG_ENABLE | U.KVM_GUESTDBG_USE_HW_BP, self.ndi.debug_registers())
 
     # -- running -----------------------------------------------------------------------------------
     def run(self, hostio, sink=None, clock: Clock | None = None) -> StopInfo:
@@ -211,8 +287,11 @@ class Machine:
         self.device_context.bind(hostio, sink, self.clock)
         self._boot()
         dispatcher = ExitDispatcher(self.ports, sink, self.clock, self.reporter)
+        if self.ndi is not None and self.ndi.debug_sites:
+            dispatcher.debug_hook = self._nd_debug
+        # with a schedule, the scheduler decides when an AP first runs (uhyve's stagger, recorded)
         self.runner = VcpuRunner(dispatcher, self._stopping, self.stop, self.pause_requested,
-                                 self.config.stagger_s)
+                                 0.0 if self.sched is not None else self.config.stagger_s, sched=self.sched)
         self.booted = True
 
     def resume(self) -> StopInfo:
@@ -256,6 +335,9 @@ class Machine:
             raise TracevisorError("the first Machine.run must happen on the main thread "
                                   "(it installs the vCPU kick signal handler)")
         try:
+            self.started_at = time.monotonic()
+            if self.sched is not None:
+                self.sched.start()
             for v in self.vcpus:
                 if v.finished:
                     continue

@@ -43,6 +43,8 @@ _PACK_IN = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I
 # s.regs.rip @432 (KVM_CAP_SYNC_REGS), and the first I/O data word at the usual data_offset 4096.
 IO_DATA_OFFSET = 4096
 _EXIT = struct.Struct("<I20xBBHIQ384xQ%dxI" % (IO_DATA_OFFSET - 440))
+_REGS = struct.Struct("<18Q")  # struct kvm_regs in kvm_run (KVM_CAP_SYNC_REGS)
+_SYNC_REGS_OFFSET = 304
 _libc_ioctl = ctypes.CDLL(None, use_errno=True).ioctl  # KVM_RUN only: its number fits a C int
 
 PortOut = Callable[["VcpuState", int, int, int], None]  # (v, port, size, value)
@@ -80,6 +82,7 @@ class VcpuState:
         self.started = False  # has entered the guest at least once
         self.finished = False  # stopped for good (not paused)
         self.running = False
+        self.pending_regs: list[int] | None = None  # registers handed to KVM through sync regs (exact mode)
 
 
 class Ports:
@@ -175,6 +178,8 @@ class ExitDispatcher:
         self.log = reporter.log
         ports.register(hypercalls.TABLE, out_handler=self.hypercall)
         ports.register((hypercalls.UART_PORT,), out_handler=self.uart)
+        #: debug exits the VM itself uses (exact mode's debug-register sites): hook(v, exit) → True if served
+        self.debug_hook: Callable[[VcpuState, Exit], bool] | None = None
         #: exit reason → handler(v, exit); the exit row is traced before the handler runs (port I/O
         #: traces each access itself; debug exits belong to the debugger and are not traced)
         self.handlers: dict[int, Callable[[VcpuState, Exit], None]] = {
@@ -275,6 +280,8 @@ class ExitDispatcher:
     # -- other exits -----------------------------------------------------------------------------------
     def debug(self, v: VcpuState, e: Exit) -> None:
         """A single-step or hardware-breakpoint exit: pause the VM; the debugger decides what is next."""
+        if self.debug_hook is not None and self.debug_hook(v, e):
+            return
         d = e.debug or {}
         raise VmStop(StopInfo.paused(f"debug stop at {d.get('pc', e.rip):#x}", cpu=v.cpu, report={"debug": d}))
 
@@ -347,7 +354,9 @@ class VcpuRunner:
     vCPU stopped (the first report wins); ``paused()`` tells whether the VM's stop is a pause."""
 
     def __init__(self, dispatcher: ExitDispatcher, stopping: threading.Event,
-                 stop: Callable[[StopInfo], None], paused: Callable[[], bool], stagger_s: float) -> None:
+                 stop: Callable[[StopInfo], None], paused: Callable[[], bool], stagger_s: float,
+                 sched=None) -> None:
+        self.sched = sched  # exact mode, several vCPUs: the token and schedule (tracevisor/sched.py)
         self.dispatcher = dispatcher
         self.stopping = stopping
         self.stop = stop
@@ -426,13 +435,21 @@ class VcpuRunner:
         stopping = self.stopping
         mask = _MASK
         pack_in = _PACK_IN
+        sched = self.sched
         while True:
+            if sched is not None and not sched.wait_turn(v):
+                return
             if kvm_run(fd, KVM_RUN, 0) < 0:
                 err = get_errno()
                 if err == errno.EINTR or err == errno.EAGAIN:
                     if stopping.is_set():
                         return
                     run.immediate_exit = 0
+                    if v.pending_regs is not None and run.kvm_dirty_regs & U.KVM_SYNC_X86_REGS:
+                        # KVM returned before entering the guest and stored its older registers over ours
+                        _REGS.pack_into(mm, _SYNC_REGS_OFFSET, *v.pending_regs)
+                    if sched is not None:
+                        sched.on_interrupted(v)
                     if v.stop_request is not None:
                         reason_, message = v.stop_request
                         if reason_ == StopReason.PAUSED:
@@ -460,8 +477,12 @@ class VcpuRunner:
                     pack_in[size].pack_into(mm, data_offset, value)
                     if trace_exit is not None:
                         trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 0, size, value)
+            elif reason == 4 and sched is not None and sched.on_debug(v, run.exit.debug.pc):
+                continue  # the replay's schedule seeking a recorded kick point: not a guest exit
             else:
                 dispatch(v, decode(run, mm, reason, rip))
+            if sched is not None:
+                sched.after_exit(v, reason)
 
     @staticmethod
     def probe(v: VcpuState) -> None:

@@ -69,6 +69,9 @@ class SessionConfig:
     hide_rdrand: bool = True
     stagger_s: float = AP_STAGGER_S
     cpuid_rows: list[list[int]] | None = None  # replay: the recorded CPUID table instead of the host's
+    exact: bool = False  # exact mode: RDTSC/RDRAND sites recorded, one vCPU at a time (docs/determinism.md)
+    nd_sites: dict | None = None  # replay: the recorded site table (header "exact")
+    schedule: list | None = None  # replay: the recorded vCPU schedule (`sched` events)
 
     def __post_init__(self) -> None:
         self.kernel = os.fspath(self.kernel)
@@ -83,7 +86,8 @@ class SessionConfig:
     def vm_config(self) -> VmConfig:
         return VmConfig(kernel=self.kernel, args=list(self.args), memory=self.memory, cpus=self.cpus,
                         verbose=self.verbose, pit=self.pit, timeout=self.timeout, hide_rdrand=self.hide_rdrand,
-                        cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s)
+                        cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s, exact=self.exact,
+                        nd_sites=self.nd_sites, schedule=self.schedule)
 
     def validate(self) -> None:
         """Every problem of the configuration itself as one TracevisorError (kernel and mounts excepted)."""
@@ -136,7 +140,7 @@ def trace_header(config: SessionConfig, image: KernelImage, machine: Machine, sa
     desc = machine.describe()
     mounts = [{k: host_text(v) if k in ("host", "guest") and isinstance(v, str) else v for k, v in m.items()}
               for m in sandbox.describe()]
-    return {
+    header = {
         "kernel": {"path": host_text(os.path.abspath(image.path)), "sha256": image.sha256,
                    "size": image.file_size, "entry_version": image.entry_version, "pie": image.pie},
         "memory": config.memory, "cpus": config.cpus,
@@ -147,12 +151,18 @@ def trace_header(config: SessionConfig, image: KernelImage, machine: Machine, sa
         "host": {"uname": " ".join(platform.uname()), "kvm_api": U.KVM_API_VERSION,
                  "python": platform.python_version(), "tsc_khz": desc["tsc_khz"],
                  "irqchip": desc["irqchip"], "caps": desc["caps"]},
+        "mode": "exact" if config.exact else "parallel",
         "determinism": {"rdrand_hidden": config.hide_rdrand, "rdseed_hidden": config.hide_rdrand,
-                        "notes": "RDRAND/RDSEED hidden in CPUID; TSC reads are not recorded "
-                                 "(docs/determinism.md)"},
+                        "notes": ("RDTSC/RDTSCP/RDRAND/RDSEED sites patched and their values recorded; "
+                                  "one vCPU at a time, schedule recorded" if config.exact else
+                                  "RDRAND/RDSEED hidden in CPUID; TSC reads are not recorded; vCPUs run in "
+                                  "parallel") + " (docs/determinism.md)"},
         "options": {"verbose": config.verbose, "pit": config.pit, "timeout": config.timeout,
                     "stagger_s": config.stagger_s, "net": config.net},
     }
+    if machine.ndi is not None:
+        header["exact"] = machine.ndi.header()
+    return header
 
 
 def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig:
@@ -166,12 +176,14 @@ def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig
     mounts = [f"{host_str(m['host'])}:{host_str(m['guest'])}" + (":ro" if m.get("ro") else "")
               for m in header.get("mounts") or [] if isinstance(m, dict) and "host" in m and "guest" in m]
     determinism = header.get("determinism") or {}
+    exact = header.get("mode") == "exact"
     return SessionConfig(
         kernel=kernel or host_str(kinfo.get("path") or ""), args=argv[1:], memory=int(header["memory"]),
         cpus=int(header["cpus"]), mounts=mounts, env=[host_str(e) for e in header.get("env") or []],
         verbose=bool(opts.get("verbose")), pit=bool(opts.get("pit")), timeout=opts.get("timeout"),
         net=opts.get("net"), hide_rdrand=bool(determinism.get("rdrand_hidden", True)),
-        stagger_s=float(opts.get("stagger_s", AP_STAGGER_S)), cpuid_rows=header.get("cpuid"))
+        stagger_s=float(opts.get("stagger_s", AP_STAGGER_S)), cpuid_rows=header.get("cpuid"),
+        exact=exact, nd_sites=header.get("exact") if exact else None)
 
 
 # -- sessions ------------------------------------------------------------------------------------------
@@ -230,6 +242,8 @@ class Session:
         if self.writer is not None:
             stop = info.as_dict()
             stop["report"] = {k: v for k, v in stop["report"].items() if k != "traceback"}
+            if self.machine.ndi is not None:
+                stop["exact"] = {"answered": self.machine.ndi.answered, "problems": self.machine.exact_notes()}
             self.summary = self.writer.close(stop=stop)
         return info
 
@@ -379,12 +393,34 @@ def _trace_full_stop(info: StopInfo, writer, limit: str) -> StopInfo:
                        cpu=info.cpu)
 
 
-def replay_kernel(header: dict, path: str, kernel: str | None = None, force: bool = False) -> tuple[SessionConfig, KernelImage]:
+def replay_mode(header: dict, path: str, mode: str | None = None) -> str:
+    """The mode a trace was recorded in ("exact" or "parallel"; traces older than exact recording ran
+    vCPUs in parallel); ``mode``, when given, must be the same (one error line otherwise)."""
+    recorded = header.get("mode") or "parallel"
+    if recorded not in ("exact", "parallel"):
+        raise TracevisorError(f"{path} was recorded in mode {str(recorded)[:40]!r}, which this tracevisor "
+                              "does not know")
+    if mode is not None and mode != recorded:
+        raise TracevisorError(f"{path} is {'an exact' if recorded == 'exact' else 'a --parallel'} recording; "
+                              f"it cannot be replayed as {'exact' if mode == 'exact' else '--parallel'}")
+    if recorded == "exact" and not isinstance(header.get("exact"), dict):
+        raise TracevisorError(f"{path} says it is an exact recording but has no site table")
+    return recorded
+
+
+def replay_kernel(header: dict, path: str, kernel: str | None = None, force: bool = False,
+                  mode: str | None = None) -> tuple[SessionConfig, KernelImage]:
     """The configuration and kernel a replay of the trace at ``path`` (with this ``header``) runs:
-    the recorded kernel (or ``kernel``), checked against the recorded SHA-256 unless ``force``."""
+    the recorded kernel (or ``kernel``), checked against the recorded SHA-256 unless ``force``; ``mode``
+    insists on the recording mode."""
     from .errors import LoaderError
 
+    replay_mode(header, path, mode)
     config = config_from_header(header, kernel)
+    if config.exact and config.cpus > 1:
+        from .sched import load_schedule
+
+        config.schedule = load_schedule(path)
     if not config.kernel:
         raise TracevisorError(f"{path} names no kernel; pass --kernel PATH")
     try:
@@ -435,6 +471,7 @@ def record(kernel: str | os.PathLike, out: str | os.PathLike, args: Iterable[str
     Arguments as :func:`run`; ``compress="zstd"`` compresses chunks, ``max_bytes`` stops the run once the
     trace reaches that size.  The guest's console is not echoed unless ``quiet=False``."""
     opts.setdefault("quiet", True)
+    opts.setdefault("exact", True)  # as `tracevisor record`
     config = _config(kernel, args, mounts, opts)
     with build_record(config, out, compress=compress, max_bytes=max_bytes) as s:
         return s.run()

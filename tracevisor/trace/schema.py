@@ -195,7 +195,9 @@ KINDS: dict[str, Kind] = {
             "request from these, in order per cpu.",
             required=(
                 Field("op", "str", "request: open, read, write, lseek, close, unlink, cmdline, boot_time, cpu_freq, "
-                                       "net_rx (args `[poll]`, `data` the frame; only delivery points that got a frame are recorded), ..."),
+                                       "net_rx (args `[poll]`, `data` the frame; only delivery points that got a frame are recorded), "
+                                       "rdtsc (a patched RDTSC/RDTSCP: `ret` the 64-bit TSC), rdrand / rdseed (args "
+                                       "`[bits]`, `ret` the value), ..."),
                 Field("args", "list", "request arguments"),
                 Field("ret", "any", "the answer (usually an int)"),
             ),
@@ -226,6 +228,21 @@ KINDS: dict[str, Kind] = {
             "A vCPU started or stopped.",
             required=(Field("state", "str", "\"start\" or \"stop\""),),
             optional=(Field("reason", "str", "why it stopped"),),
+        ),
+        Kind(
+            "sched",
+            "Exact multi-vCPU recordings: the vCPU `cpu` gave the run token to `next` (only one vCPU runs at a "
+            "time). Replay follows these in seq order (docs/determinism.md).",
+            required=(
+                Field("n", "int", "exits `cpu` made in the slice that ends here"),
+                Field("next", "int", "the vCPU that runs next"),
+                Field("why", "str", "\"slice\" (exit budget), \"hlt\" (a HLT exit) or \"kick\" (preempted "
+                                    "between exits)"),
+            ),
+            optional=(
+                Field("rip", "int", "kick: RIP where the vCPU was preempted"),
+                Field("digest", "int", "kick: CRC-32 of the 144-byte struct kvm_regs at that point"),
+            ),
         ),
         Kind(
             "stop",

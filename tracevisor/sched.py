@@ -1,0 +1,242 @@
+"""One vCPU at a time: the recorded schedule that makes multi-vCPU shared-memory races replay exactly.
+
+In an exact recording of a guest with several vCPUs, a token passes between the vCPU threads and only its
+holder is inside KVM_RUN.  The holder gives it up
+
+* after :data:`SLICE_EXITS` exits (``why="slice"``), or at a HLT exit (``"hlt"``) — points every replay
+  reaches by counting the vCPU's exits; or
+* when it has held the token for :data:`QUANTUM_S` without reaching one of those (a spin loop waiting for a
+  vCPU that cannot run meanwhile): the scheduler kicks it out of KVM_RUN at whatever instruction it is on
+  (``"kick"``).  There is no instruction counter on these hosts, so the point is recorded as the RIP and
+  the CRC-32 of all general registers (the per-exit register digest of the trace format).
+
+Each switch is a ``sched`` event in the giving vCPU's stream: ``n`` (its exits in the slice), ``next``
+(who gets the token), ``why``, and for a kick ``rip`` and ``digest``.
+
+A replay follows the list: the holder runs until it has made ``n`` exits; for a kick it then runs on with
+an execution breakpoint (DR3) on ``rip`` and stops at the first hit whose registers have the recorded
+digest — rr's method, with the registers standing in for the branch counter.  A vCPU that halted before
+reaching the point is kicked after :data:`QUANTUM_S` and its registers compared in place.  A hit whose RIP
+matches but whose registers do not is stepped over (one single-step without the breakpoint).  If a loop repeats the same registers
+while memory changes, the first match is taken: such an ambiguity shows up as a divergence later.
+
+While a vCPU does not hold the token it waits outside KVM_RUN, so interrupts other vCPUs send it (IPIs
+through the in-kernel LAPIC) are delivered at its next entry — a point the schedule fixes.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import zlib
+
+from .errors import Divergence, TracevisorError
+from .kvm import uapi as U
+
+SLICE_EXITS = 2000
+QUANTUM_S = 0.005
+SYNC_REGS = slice(304, 304 + 144)
+RIP_OFFSET = 432
+DR_SLOT = 3  # DR0–DR2 are left to the debug-register fallback of ndinsn
+
+
+def digest(mm) -> int:
+    """CRC-32 of the 144-byte struct kvm_regs in the kvm_run page (the trace format's register digest)."""
+    return zlib.crc32(mm[SYNC_REGS])
+
+
+class Scheduler:
+    """The token and the schedule of one VM (record: writes it; replay: follows it)."""
+
+    def __init__(self, machine, schedule: list[dict] | None = None) -> None:
+        self.m = machine
+        self.recording = schedule is None
+        self.schedule = schedule or []
+        self.i = 0  # replay: the next schedule entry
+        self.cond = threading.Condition(threading.RLock())
+        self.holder = 0
+        self.count = 0  # exits of the holder in the current slice
+        self.since = time.monotonic()
+        self.kick_pending = False
+        self.seeking: tuple[int, int] | None = None  # replay: (rip, digest) of the kick point sought
+        self.armed = False
+        self.stepping = False
+        self.switches = 0
+        self.hits = 0  # replay: breakpoint hits on kick RIPs (matching or not)
+        self._timer: threading.Thread | None = None
+        self._base_debug: list[int] = [0] * 8
+        self._base_control = 0
+
+    # -- the vCPU threads' side ----------------------------------------------------------------------
+    def start(self) -> None:
+        if self.m.ndi is not None and self.m.ndi.debug_sites:
+            self._base_debug = self.m.ndi.debug_registers()
+            self._base_control = U.KVM_GUESTDBG_ENABLE | U.KVM_GUESTDBG_USE_HW_BP
+        self.since = time.monotonic()
+        if not self.recording:
+            self._check_entry()
+        self._timer = threading.Thread(target=self._tick, name="sched", daemon=True)
+        self._timer.start()
+
+    def wait_turn(self, v) -> bool:
+        """Block until ``v`` holds the token; False when the VM is stopping."""
+        if self.holder == v.cpu:
+            if self.armed is False and self.seeking is not None:
+                self._arm(v, True)
+            return True
+        stopping = self.m._stopping
+        with self.cond:
+            while self.holder != v.cpu:
+                if stopping.is_set():
+                    return False
+                self.cond.wait(0.05)
+        if self.seeking is not None:
+            self._arm(v, True)
+        return not stopping.is_set()
+
+    def after_exit(self, v, reason: int) -> None:
+        """Count an exit of the holder; pass the token at a slice end."""
+        self.count += 1
+        if self.recording:
+            if reason == U.KVM_EXIT_HLT or self.count >= SLICE_EXITS:
+                self._switch(v, "hlt" if reason == U.KVM_EXIT_HLT else "slice")
+        else:
+            self._check_entry()
+
+    def on_interrupted(self, v) -> None:
+        """KVM_RUN returned EINTR: a scheduler kick ends the slice (record), or a halted vCPU may be at the
+        sought point (replay)."""
+        if not self.kick_pending or self.holder != v.cpu:
+            return
+        self.kick_pending = False
+        mm = v.vcpu.run_mmap
+        rip = int.from_bytes(mm[RIP_OFFSET:RIP_OFFSET + 8], "little")
+        if self.recording:
+            self._switch(v, "kick", rip, digest(mm))
+        elif self.seeking is not None and (rip, digest(mm)) == self.seeking:
+            self._reached(v)
+
+    def on_debug(self, v, pc: int) -> bool:
+        """A breakpoint or single-step exit: True if it was the scheduler's (the run loop then continues)."""
+        if self.stepping:  # stepped over a non-matching hit: put the breakpoint back
+            self.stepping = False
+            self._arm(v, self.seeking is not None)
+            return True
+        if self.seeking is None or pc != self.seeking[0] or not self.armed:
+            return False
+        self.hits += 1
+        if digest(v.vcpu.run_mmap) == self.seeking[1]:
+            self._reached(v)
+        else:  # the right place at another time: execute this one instruction without the breakpoint
+            v.vcpu.set_guest_debug(self._base_control | U.KVM_GUESTDBG_ENABLE | U.KVM_GUESTDBG_SINGLESTEP,
+                                   self._base_debug)
+            self.stepping = True
+        return True
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _pick(self, cpu: int) -> int:
+        vs = self.m.vcpus
+        now = time.monotonic() - self.m.started_at
+        for k in range(1, len(vs) + 1):
+            c = (cpu + k) % len(vs)
+            v = vs[c]
+            if c != cpu and not v.finished and now >= c * self.m.config.stagger_s:
+                return c
+        return cpu
+
+    def _switch(self, v, why: str, rip: int | None = None, dig: int | None = None) -> None:
+        nxt = self._pick(v.cpu)
+        if nxt == v.cpu:
+            return  # nobody else can run: the slice goes on (no event, so replay counts on too)
+        fields = {"n": self.count, "next": nxt, "why": why}
+        if rip is not None:
+            fields |= {"rip": rip, "digest": dig}
+        if self.m.sink is not None:
+            self.m.sink.event("sched", v.cpu, self.m.clock.now(), **fields)
+        self._give(nxt)
+
+    def _give(self, nxt: int) -> None:
+        with self.cond:
+            self.holder = nxt
+            self.count = 0
+            self.since = time.monotonic()
+            self.switches += 1
+            if not self.recording:
+                self._check_entry()  # the new holder's slice may end before its first exit
+            self.cond.notify_all()
+
+    def _check_entry(self) -> None:
+        """Replay: has the holder reached the end of its recorded slice?"""
+        while self.i < len(self.schedule) and self.seeking is None:
+            e = self.schedule[self.i]
+            if e["cpu"] != self.holder:
+                raise Divergence(f"the recorded schedule gives vCPU {e['cpu']} the next slice, but vCPU "
+                                 f"{self.holder} holds the token", kind="sched", seq=e.get("seq"))
+            if self.count < e["n"]:
+                return
+            if self.count > e["n"]:
+                raise Divergence(f"vCPU {self.holder} made more exits ({self.count}) than in its recorded "
+                                 f"slice ({e['n']})", kind="sched", seq=e.get("seq"))
+            if e.get("why") == "kick":
+                self.seeking = (int(e["rip"]), int(e["digest"]))
+                self.since = time.monotonic()
+                return
+            self.i += 1
+            self._give(int(e["next"]))
+
+    def _reached(self, v) -> None:
+        e = self.schedule[self.i]
+        self.seeking = None
+        self._arm(v, False)
+        self.i += 1
+        self._give(int(e["next"]))
+
+    def _arm(self, v, on: bool) -> None:
+        regs = list(self._base_debug)
+        control = self._base_control
+        if on:
+            regs[DR_SLOT] = self.seeking[0]
+            regs[7] |= 1 << (2 * DR_SLOT)
+            control = U.KVM_GUESTDBG_ENABLE | U.KVM_GUESTDBG_USE_HW_BP
+        v.vcpu.set_guest_debug(control, regs)
+        self.armed = on
+
+    def _tick(self) -> None:
+        """Kick a holder that has run QUANTUM_S without a switch point (record), or that may sit halted
+        at the sought point (replay)."""
+        stopping = self.m._stopping
+        while not stopping.wait(QUANTUM_S / 2):
+            if time.monotonic() - self.since < QUANTUM_S or self.kick_pending:
+                continue
+            if not self.recording and self.seeking is None:
+                continue
+            v = self.m.vcpus[self.holder]
+            if v.thread is None or not v.running:
+                continue
+            self.kick_pending = True
+            self.since = time.monotonic()
+            v.vcpu.run.immediate_exit = 1
+            try:
+                signal.pthread_kill(v.thread.ident, self.m.kick_signal)
+            except (ProcessLookupError, OSError, TypeError):
+                pass
+
+    def leftover(self) -> int:
+        return len(self.schedule) - self.i
+
+
+def load_schedule(path: str) -> list[dict]:
+    """Every ``sched`` event of a trace, in order (a replay follows them)."""
+    from .trace import open_trace
+
+    reader = open_trace(path)
+    try:
+        out = []
+        for ev in reader.events(kinds=["sched"]):
+            if not isinstance(ev.get("n"), int) or not isinstance(ev.get("next"), int):
+                raise TracevisorError(f"{path}: malformed sched event #{ev.get('seq')}")
+            out.append(ev)
+        return out
+    finally:
+        reader.close()
