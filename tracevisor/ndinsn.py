@@ -42,7 +42,7 @@ from dataclasses import dataclass
 NDI_PORTS = (0xE6, 0xE7)
 KINDS = ("rdtsc", "rdtscp", "rdrand", "rdseed")
 RESYNC_WINDOW = 64  # bytes after undecodable bytes in which instruction starts are not trusted
-MAX_DEBUG_SITES = 4  # DR0–DR3
+MAX_DEBUG_SITES = 3  # DR0–DR2 (DR3 belongs to the multi-vCPU schedule, sched.py)
 PAD_PREFIX = 0x3E  # DS segment override: ignored by OUT
 _LEGACY_PREFIXES = frozenset((0x66, 0x67, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0xF0, 0xF2, 0xF3))
 # x86 register number (ModRM rm + REX.B) → index in struct kvm_regs (rax rbx rcx rdx rsi rdi rsp rbp r8…r15)

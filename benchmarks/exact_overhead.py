@@ -1,0 +1,114 @@
+"""Exact record vs `record --parallel` vs `run`, and replay vs record, measured side by side in ONE run.
+
+    python benchmarks/exact_overhead.py [--repeat 3]
+
+Guests:
+
+* ``compute`` — the bundled example (UART exits plus integer work; no RDTSC in its loop);
+* ``tsc-loop`` — N iterations of RDTSC + RDRAND with nothing else (every one a recorded exit in exact
+  mode; the per-instruction cost is (T(exact) − T(parallel)) / (2·N));
+* ``smp-race`` — two vCPUs incrementing a shared counter without locks (the exact recording runs one
+  vCPU at a time and switches by kicks).
+
+Each configuration is a fresh ``python -m tracevisor`` process; wall time and the CPU time (user+sys) of
+the child are reported, best of --repeat.  The timer guest and rusty_demo rows of the design goal are not
+here: the user-space LAPIC/PIT timer and the Hermit instruction fallback are not part of this build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TSC_LOOP = """
+.globl _start
+.text
+_start:
+  mov ${n}, %ecx
+1: rdtsc
+  rdrand %rax
+  dec %ecx
+  jnz 1b
+  lea exitblk(%rip), %rax
+  mov $0x540, %dx
+  outl %eax, %dx
+.data
+exitblk: .long 0
+"""
+
+
+def build(tmp: Path, name: str, text: str) -> str:
+    src = tmp / f"{name}.S"
+    src.write_text(text)
+    out = tmp / name
+    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,-Ttext=0x400000", "-Wl,--build-id=none",
+                    "-o", str(out), str(src)], check=True)
+    return str(out)
+
+
+def timed(args: list[str]) -> tuple[float, float, int]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "tracevisor", *args], env=env, capture_output=True, timeout=600)
+    wall = time.monotonic() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, p.returncode
+
+
+def best(args: list[str], repeat: int) -> tuple[float, float, int]:
+    runs = [timed(args) for _ in range(repeat)]
+    return min(r[0] for r in runs), min(r[1] for r in runs), runs[-1][2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--n", type=int, default=5000, help="tsc-loop iterations")
+    ns = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_exact import RACE, RACE_DATA  # the racing guest of the tests
+
+    from tracevisor.guestbuild import example
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        race = build(tmp, "race", ".globl _start\n.text\n_start:\n" + RACE +
+                     "\n.data\nexitblk: .long 0\n" + RACE_DATA)
+        guests = {
+            "compute": ([str(example("compute")), "20000"], 1),
+            "tsc-loop": ([build(tmp, "tsc", TSC_LOOP.replace("{n}", str(ns.n)))], 1),
+            "smp-race": ([race], 2),
+        }
+        print(f"{'guest':<10} {'mode':<18} {'wall s':>8} {'cpu s':>8} {'× run':>7} {'× parallel':>10}")
+        for name, (kargs, cpus) in guests.items():
+            trace_e, trace_p = str(tmp / f"{name}-e.tvt"), str(tmp / f"{name}-p.tvt")
+            c = ["-c", str(cpus)]
+            rows = {
+                "run": best(["run", *c, *kargs], ns.repeat),
+                "record --parallel": best(["record", "-q", "--parallel", "-o", trace_p, *c, *kargs], ns.repeat),
+                "record (exact)": best(["record", "-q", "-o", trace_e, *c, *kargs], ns.repeat),
+                "replay (exact)": best(["replay", "-q", trace_e], ns.repeat),
+            }
+            for mode, (wall, cpu, rc) in rows.items():
+                print(f"{name:<10} {mode:<18} {wall:8.3f} {cpu:8.3f} {wall / rows['run'][0]:7.2f} "
+                      f"{wall / rows['record --parallel'][0]:10.2f}" + (f"  (status {rc})" if rc not in (0,) and
+                                                                          name != "smp-race" else ""))
+            if name == "tsc-loop":
+                per = (rows["record (exact)"][0] - rows["record --parallel"][0]) / (2 * ns.n)
+                print(f"{'':<10} cost per recorded RDTSC/RDRAND: {per * 1e6:.1f} µs wall")
+            print(f"{'':<10} replay / exact record: {rows['replay (exact)'][0] / rows['record (exact)'][0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
