@@ -260,7 +260,9 @@ static PyObject *Loop_run(Loop *L, PyObject *args, PyObject *kw) {
         r = ioctl(L->fd, TV_KVM_RUN, 0);
         if (r < 0) err = errno;
         Py_END_ALLOW_THREADS
-        int64_t t = now_ns() - L->t0;
+        /* The trace clock is read only when something is stamped with it (a clock read is not free here). */
+        const int stamp_rows = mode == MODE_ROWS || mode == MODE_CALL;
+        int64_t t = (stamp_rows || L->ring_off || L->con_len == 0) ? now_ns() - L->t0 : 0;
         if (L->ring_off) ring_drain(L, t);
         if (r < 0)
             return result(L, (err == EINTR || err == EAGAIN) ? RET_EINTR : RET_ERROR, handled, off, i,
