@@ -10,6 +10,10 @@ Metadata lives in pyproject.toml.  This file only extends ``build_py`` so that a
 
 guestbuild.py is stdlib-only and is loaded from the source tree by path, because the package is not
 installed while it is being built.  The sdist command adds guests/ to source distributions.
+
+It also builds ``tracevisor._fastloop``, the native run loop (tracevisor/_fastloop.c), linked with zlib when
+its header is there.  The extension is optional: without a C compiler the package still installs and the
+pure-Python loop runs (tracevisor/fastloop.py says so in one line at first use).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
@@ -113,7 +118,31 @@ class SdistWithGuests(sdist):
                 shutil.copy2(src, dest)
 
 
+def fastloop_extension() -> Extension:
+    """The native run loop; CRC-32 from zlib when its header is present, else the module's own table."""
+    zlib = any(Path(d, "zlib.h").is_file() for d in ("/usr/include", "/usr/local/include"))
+    return Extension(
+        "tracevisor._fastloop", ["tracevisor/_fastloop.c"],
+        define_macros=[("TV_HAVE_ZLIB", "1")] if zlib else [],
+        libraries=["z"] if zlib else [],
+        extra_compile_args=["-O2", "-std=gnu11"],
+        optional=True,  # a failed build is a warning: the pure-Python loop still runs
+    )
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that never fails the install (no compiler at all included)."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # distutils raises its own error types for a missing compiler
+            warnings.warn(f"native run loop not built ({exc}); tracevisor will use the pure-Python loop",
+                          stacklevel=2)
+
+
 setup(
-    cmdclass={"build_py": BuildPyWithGuests, "sdist": SdistWithGuests},
-    package_data={"tracevisor": ["_guests/*", "_guest_src/*", "_guest_src/*/*"]},
+    ext_modules=[fastloop_extension()],
+    cmdclass={"build_py": BuildPyWithGuests, "build_ext": OptionalBuildExt, "sdist": SdistWithGuests},
+    package_data={"tracevisor": ["_guests/*", "_guest_src/*", "_guest_src/*/*", "_fastloop.c"]},
 )

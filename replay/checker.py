@@ -29,6 +29,13 @@ COMPARED_FIELDS: dict[str, tuple[str, ...]] = {
     for kind in COMPARED_KINDS - {"exit"}}
 #: The compared fields of an exit row (the time and the vCPU are not the guest's doing / already matched).
 EXIT_FIELDS = tuple(f for f in SCHEMA_EXIT_FIELDS if f not in ("t_ns", "vcpu"))
+#: Coalesced console output (--coalesce-console): the bytes between two exits are compared
+CONSOLE_FIELDS = ("stream", "data")
+
+
+def _coalesced_console(ev: dict) -> bool:
+    """Keep every compared event, and of the console events those of the coalesced UART ring."""
+    return ev.get("k") != "console" or ev.get("coalesced") is True
 
 
 def exit_dict(seq: int, row: tuple) -> dict:
@@ -62,8 +69,12 @@ def _summary(ev: tuple) -> dict:
 class Checker:
     """Compares the replayed run with the recording; one instance per replay."""
 
-    def __init__(self, path: str, cpus: int, history: int = 5) -> None:
-        self.streams = {cpu: CpuStream(path, cpu, COMPARED_KINDS) for cpu in range(cpus)}
+    def __init__(self, path: str, cpus: int, history: int = 5, console: bool = False) -> None:
+        # console: the recording coalesced its UART output (--coalesce-console); those console events, which
+        # stand where UART exits stand otherwise, are compared too.
+        self.kinds = COMPARED_KINDS | {"console"} if console else COMPARED_KINDS
+        self._keep = _coalesced_console if console else None
+        self.streams = {cpu: CpuStream(path, cpu, self.kinds, self._keep) for cpu in range(cpus)}
         self.history = history
         self._rich = 0  # rich events matched (the rest of what the streams consumed are exits)
         self._until: int | None = None
@@ -90,6 +101,12 @@ class Checker:
     def position(self) -> int:
         """The seq of the last reproduced recorded event (-1 before the first)."""
         return max(s.last_seq for s in self.streams.values())
+
+    def native_stream(self, cpu: int) -> CpuStream | None:
+        """The recorded stream of ``cpu`` for a native run loop that compares UART exits itself (advancing
+        ``stream.i`` past each match and leaving any mismatch to :meth:`exit`), or None while each match must
+        reach Python (callbacks, a pause point, checkpoints)."""
+        return None if self._slow else self.streams[cpu]
 
     def _refresh(self) -> None:
         self._slow = bool(self._callbacks) or self._until is not None or bool(self._checkpoint_every)
@@ -197,12 +214,12 @@ class Checker:
                       rec, dict(actual, k="exit", cpu=cpu), seq=ev[1])
 
     def event(self, kind: str, cpu: int, t_ns: int, **fields) -> int:
-        if kind not in COMPARED_KINDS:
+        if kind not in self.kinds or (kind == "console" and not fields.get("coalesced")):
             return -1
         actual = dict(fields, k=kind, cpu=cpu)
         ev = self._next(cpu, kind, actual)
         rec = ev[2]
-        keys = COMPARED_FIELDS[kind]
+        keys = CONSOLE_FIELDS if kind == "console" else COMPARED_FIELDS[kind]
         diff = [k for k in keys if _norm(rec.get(k)) != _norm(fields.get(k))]
         if diff:
             what = f"{kind} {rec.get('call', '')}".strip()
@@ -221,7 +238,7 @@ class Checker:
         self._rich = st["rich"]
         self._since_checkpoint = st["since"]
         for c, n in st["consumed"].items():
-            self.streams[c] = CpuStream.at(path, c, COMPARED_KINDS, n)
+            self.streams[c] = CpuStream.at(path, c, self.kinds, n, self._keep)
 
     def leftover(self) -> dict[int, list[dict]]:
         """Recorded exits/hypercalls never replayed, per vCPU (vcpu stop events excluded)."""

@@ -280,7 +280,7 @@ class Replayer:
         if self.machine is not None:
             return
         self.hostio = ReplayingHostIO(self.path, self.config.cpus, Console(quiet=self.quiet))
-        self.checker = Checker(self.path, self.config.cpus)
+        self.checker = Checker(self.path, self.config.cpus, console=self.config.coalesce_console)
         self.checker.callbacks = self._callbacks
         self.checker.on_pause = self._pause
         self.checker.make_event = lambda cpu, ev: ReplayEvent(self, cpu, ev)

@@ -22,7 +22,7 @@ _TIME = struct.Struct("<Q%dx" % (EXIT_ROW.size - 8))
 assert _KEY.size == _TIME.size == EXIT_ROW.size
 
 
-def _chunk_items(path: str, cpu: int, kinds: frozenset[str], want_exits: bool
+def _chunk_items(path: str, cpu: int, kinds: frozenset[str], want_exits: bool, keep=None
                  ) -> Iterator[tuple[list, list[int]]]:
     """Per chunk, this vCPU's events of the wanted kinds in seq order, as (items, seqs, ts): an exit is the
     tuple (rip, value, port, vcpu, reason, dir, size) — what replay compares — a rich event its dict; ``ts``
@@ -32,6 +32,8 @@ def _chunk_items(path: str, cpu: int, kinds: frozenset[str], want_exits: bool
     try:
         for chunk in reader.chunks():
             rich = [e for e in chunk.events if e.get("k") in kinds and e.get("cpu", 0) == cpu]
+            if keep is not None:
+                rich = [e for e in rich if keep(e)]
             if not want_exits or not chunk.exits:
                 yield rich, [e["seq"] for e in rich], [e.get("t", 0) for e in rich]
                 continue
@@ -69,10 +71,11 @@ class CpuStream:
     ``items[i]`` directly; :meth:`next` and :meth:`peek` return ``(kind, seq, payload)`` triples.
     """
 
-    def __init__(self, path: str, cpu: int, kinds: set[str]) -> None:
+    def __init__(self, path: str, cpu: int, kinds: set[str], keep=None) -> None:
         self.cpu = cpu
         self.kinds = frozenset(kinds)
-        self._chunks = _chunk_items(path, cpu, self.kinds - {_EXIT}, _EXIT in self.kinds)
+        self.keep = keep  # optional predicate on rich events: False drops the event from the stream
+        self._chunks = _chunk_items(path, cpu, self.kinds - {_EXIT}, _EXIT in self.kinds, keep)
         self.items: list = []
         self.seqs: list[int] = []
         self.ts: list[int] = []
@@ -102,9 +105,9 @@ class CpuStream:
         return self._before + self.i
 
     @classmethod
-    def at(cls, path: str, cpu: int, kinds: set[str], consumed: int) -> CpuStream:
+    def at(cls, path: str, cpu: int, kinds: set[str], consumed: int, keep=None) -> CpuStream:
         """A stream positioned after its first ``consumed`` events (restoring a checkpoint)."""
-        s = cls(path, cpu, kinds)
+        s = cls(path, cpu, kinds, keep)
         while s.consumed < consumed:
             if s.i >= len(s.items) and not s.refill():
                 break

@@ -72,6 +72,10 @@ def add_vm_options(p: argparse.ArgumentParser, record: bool = False) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop the VM after this many seconds (exit status 124)")
     p.add_argument("--pit", action="store_true", help="create KVM's in-kernel PIT (as uhyve --pit)")
+    p.add_argument("--coalesce-console", action="store_true",
+                   help="let KVM queue the guest's UART output (port 0x800) in its coalesced-I/O ring instead of "
+                        "exiting for each byte: ~6x cheaper per byte; the trace then has no exit row (RIP, time) "
+                        "per byte, only the console bytes between two exits (docs/trace-format.md); one vCPU")
     p.add_argument("--net", default=None, metavar="SPEC",
                    help="give the guest a virtio-net NIC (legacy, PCI 00:00.0, I/O BAR 0xC000; polled, no "
                         "interrupts) attached to tap:IFNAME (an existing Linux TAP device; tap:IFNAME,create makes a "
@@ -222,7 +226,7 @@ def session_config(ns: argparse.Namespace):
     return SessionConfig(kernel=ns.kernel, args=list(ns.args), memory=parse_size(ns.memory), cpus=ns.cpus,
                          mounts=list(ns.mount), env=list(ns.env), host_env=_passes_host_env(ns),
                          verbose=ns.verbose, pit=ns.pit, timeout=ns.timeout, net=getattr(ns, "net", None),
-                         quiet=getattr(ns, "quiet", False))
+                         quiet=getattr(ns, "quiet", False), coalesce_console=ns.coalesce_console)
 
 
 def _passes_host_env(ns: argparse.Namespace) -> bool:

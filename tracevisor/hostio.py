@@ -28,6 +28,7 @@ from .sandbox import Sandbox, is_refusal
 
 STDIN, STDOUT, STDERR = 0, 1, 2
 MAX_GUEST_FILES = 512
+UART_EVENT_MAX = 4096  # a recorded UART console event ends at a newline or at this many bytes
 MAX_IO_CHUNK = 1 << 26  # one READ never asks the host for more than 64 MiB at once
 MAX_LOG = 1000  # refusals kept for -v: a guest repeating a refused request must not grow host memory
 
@@ -140,6 +141,17 @@ class HostIO:
         """A callable ``sink(data)`` equivalent to ``console(cpu, stream, data)``; backends may return a
         faster one (the UART path calls it once per exit)."""
         return lambda data: self.console(cpu, stream, data)
+
+    def uart_batch_sink(self, cpu: int):
+        """A callable ``sink(data, t_ns)`` for UART bytes the native run loop handled in one batch (``t_ns``:
+        trace time of the first byte); equivalent to calling the ``uart`` console sink with each byte."""
+        inner = self.console_sink(cpu, "uart")
+        return lambda data, t_ns: inner(data)
+
+    def console_output(self, cpu: int, stream: str):
+        """A callable ``sink(data)`` that shows guest output without logging it anywhere (the machine logs
+        coalesced console bytes itself, at exits)."""
+        return self.console_sink(cpu, stream)
 
     def flush(self) -> None:
         """Flush buffered console output."""
@@ -623,7 +635,7 @@ class RecordingHostIO(HostIO):
         if entry is None:
             entry = self._uart[cpu] = (self.clock(), bytearray())
         entry[1].extend(data)
-        if b"\n" in data or len(entry[1]) >= 4096:
+        if b"\n" in data or len(entry[1]) >= UART_EVENT_MAX:
             self._flush_uart(cpu)
 
     def console_sink(self, cpu, stream):
@@ -640,10 +652,36 @@ class RecordingHostIO(HostIO):
                 entry = pending[cpu] = (clock(), bytearray())
             buf = entry[1]
             buf += data
-            if 10 in data or len(buf) >= 4096:
+            if 10 in data or len(buf) >= UART_EVENT_MAX:
                 self._flush_uart(cpu)
 
         return sink
+
+    def uart_batch_sink(self, cpu):
+        # Bytes of one native-loop batch: at most one newline, at its end, and no more than uart_room(cpu),
+        # so the console events are cut exactly where the byte-at-a-time sink cuts them.
+        inner = self.inner.console_sink(cpu, "uart")
+        pending = self._uart
+
+        def sink(data: bytes, t_ns: int) -> None:
+            inner(data)
+            entry = pending.get(cpu)
+            if entry is None:
+                entry = pending[cpu] = (t_ns, bytearray())
+            buf = entry[1]
+            buf += data
+            if 10 in data or len(buf) >= UART_EVENT_MAX:
+                self._flush_uart(cpu)
+
+        return sink
+
+    def uart_room(self, cpu: int) -> int:
+        """UART bytes that fit in the pending console event of ``cpu`` before it is cut."""
+        entry = self._uart.get(cpu)
+        return UART_EVENT_MAX - (len(entry[1]) if entry else 0)
+
+    def console_output(self, cpu, stream):
+        return self.inner.console_sink(cpu, stream)
 
     def _flush_uart(self, cpu: int) -> None:
         entry = self._uart.pop(cpu, None)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import arch_x86_64 as arch
-from . import hypercalls, signals
+from . import fastloop, hypercalls, signals
 from .clock import Clock
 from .devices.base import Device, DeviceContext
 from .devices.pci import CONFIG_ADDRESS, CONFIG_DATA, PciBus
@@ -69,6 +69,7 @@ class VmConfig:
     exact: bool = False  # patch RDTSC/RDTSCP/RDRAND/RDSEED sites and answer them from the HostIO; one vCPU at a time
     nd_sites: dict | None = None  # replay: the recorded site table (header "exact") instead of a new sweep
     schedule: list | None = None  # replay of an exact multi-vCPU trace: the recorded `sched` events
+    coalesce_console: bool = False  # UART OUTs go to KVM's coalesced-I/O ring instead of exiting one by one
 
     def validate(self) -> None:
         if not MIN_MEMORY <= self.memory <= MAX_MEMORY:
@@ -79,6 +80,9 @@ class VmConfig:
             raise TracevisorError("guest memory must be a multiple of 4 KiB")
         if not 1 <= self.cpus <= MAX_CPUS:
             raise TracevisorError(f"vCPU count {self.cpus} is out of range (1–{MAX_CPUS})")
+        if self.coalesce_console and self.cpus != 1:
+            raise TracevisorError("--coalesce-console needs a single vCPU: KVM's coalesced-I/O ring does not "
+                                  "say which vCPU wrote a byte")
 
 
 class Machine:
@@ -109,6 +113,13 @@ class Machine:
             "immediate_exit": self.kvm.check_extension(U.KVM_CAP_IMMEDIATE_EXIT),
         }
         self._setup_vm()
+        self.ring_offset = 0  # byte offset of KVM's coalesced-I/O ring in each kvm_run mapping (0: not used)
+        if config.coalesce_console:
+            self._setup_ring()
+        # The native run loop (tracevisor/fastloop.py), or None for the pure-Python loop.
+        self.native = fastloop.load()
+        # Optional: exits a vCPU may run before Python must see one (periodic work on an exact schedule).
+        self.exit_budget: Callable[[VcpuState], int] | None = None
         self.reporter = Reporter(self.memory, lambda msg: self.log(msg))
         self.pci = PciBus()
         self.ports = Ports()
@@ -154,6 +165,19 @@ class Machine:
             ctx = hypercalls.Context(cpu, self.memory, None, self._cr3_getter(vcpu))
             self.vcpus.append(VcpuState(cpu, vcpu, ctx))
         self.tsc_khz = self.vcpus[0].vcpu.tsc_khz()
+
+    def _setup_ring(self) -> None:
+        """Register the UART port as a coalesced PIO zone: its OUTs complete in the kernel and queue in a ring
+        that the vCPU loop drains before each exit it handles (and at stop)."""
+        page = self.kvm.check_extension(U.KVM_CAP_COALESCED_MMIO)
+        if page <= 0 or not self.kvm.check_extension(U.KVM_CAP_COALESCED_PIO):
+            raise TracevisorError("this host's KVM has no coalesced port I/O (KVM_CAP_COALESCED_PIO); "
+                                  "run without --coalesce-console")
+        if (page + 1) * 4096 > len(self.vcpus[0].vcpu.run_mmap):
+            raise TracevisorError("the coalesced-I/O ring is not inside the vCPU mapping; "
+                                  "run without --coalesce-console")
+        self.vm.register_coalesced_pio(arch.UART_PORT, 1)
+        self.ring_offset = page * 4096
 
     def _cr3_getter(self, vcpu: Vcpu) -> Callable[[], int]:
         return lambda: vcpu.get_sregs().cr3
@@ -265,6 +289,10 @@ class Machine:
             v.uart = self.hostio.console_sink(v.cpu, "uart")
             if self.ndi is not None and self.ndi.debug_sites:
                 vc.set_guest_debug(U.KVM_GUESTDBG_ENABLE | U.KVM_GUESTDBG_USE_HW_BP, self.ndi.debug_registers())
+            v.uart_batch = self.hostio.uart_batch_sink(v.cpu)
+            v.uart_room = getattr(self.hostio, "uart_room", None)
+            if self.ring_offset:
+                v.console_out = self.hostio.console_output(v.cpu, "uart")
 
     # -- running -----------------------------------------------------------------------------------
     def run(self, hostio, sink=None, clock: Clock | None = None) -> StopInfo:
@@ -291,7 +319,8 @@ class Machine:
             dispatcher.debug_hook = self._nd_debug
         # with a schedule, the scheduler decides when an AP first runs (uhyve's stagger, recorded)
         self.runner = VcpuRunner(dispatcher, self._stopping, self.stop, self.pause_requested,
-                                 0.0 if self.sched is not None else self.config.stagger_s, sched=self.sched)
+                                 0.0 if self.sched is not None else self.config.stagger_s, sched=self.sched,
+                                 native=self.native, ring_offset=self.ring_offset, exit_budget=self.exit_budget)
         self.booted = True
 
     def resume(self) -> StopInfo:

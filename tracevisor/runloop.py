@@ -38,6 +38,12 @@ from .status import ExitStatus, StopInfo, StopReason
 _MASK = (0, 0xFF, 0xFFFF, 0, 0xFFFF_FFFF)
 _BYTES = [bytes([i]) for i in range(256)]
 _PACK_IN = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
+# The coalesced-I/O ring (--coalesce-console): u32 first, u32 last, then entries of
+# {u64 phys_addr (the port), u32 len, u32 pio, u8 data[8]}.
+_RING_HEAD = struct.Struct("<II")
+_RING_ENTRY = struct.Struct("<QII8s")
+_RING_MAX = (4096 - _RING_HEAD.size) // _RING_ENTRY.size
+RING_EVENT_MAX = 65536  # coalesced console bytes per console event, at most (a split that depends on the bytes)
 
 # One unpack over kvm_run: exit_reason @8, io {direction, size, port, count, data_offset} @32,
 # s.regs.rip @432 (KVM_CAP_SYNC_REGS), and the first I/O data word at the usual data_offset 4096.
@@ -79,6 +85,11 @@ class VcpuState:
         self.parked = False  # halted with interrupts disabled (seen by the watchdog)
         self.stop_request: tuple[StopReason, str] | None = None  # (reason, message) asked by the main thread
         self.uart = None  # console sink for UART bytes (HostIO.console_sink), set at boot
+        self.uart_batch = None  # the same for a native-loop batch: sink(data, t_ns) (HostIO.uart_batch_sink)
+        self.uart_room = None  # cpu -> bytes the pending UART console event takes before it is cut, or None
+        self.console_out = None  # --coalesce-console: shows UART bytes without logging them (set at boot)
+        self.ring_buf = bytearray()  # coalesced UART bytes since the last exit handled in user space
+        self.ring_t = 0  # trace time of the first of them
         self.started = False  # has entered the guest at least once
         self.finished = False  # stopped for good (not paused)
         self.running = False
@@ -355,13 +366,17 @@ class VcpuRunner:
 
     def __init__(self, dispatcher: ExitDispatcher, stopping: threading.Event,
                  stop: Callable[[StopInfo], None], paused: Callable[[], bool], stagger_s: float,
-                 sched=None) -> None:
+                 sched=None, native=None, ring_offset: int = 0,
+                 exit_budget: Callable[[VcpuState], int] | None = None) -> None:
         self.sched = sched  # exact mode, several vCPUs: the token and schedule (tracevisor/sched.py)
         self.dispatcher = dispatcher
         self.stopping = stopping
         self.stop = stop
         self.paused = paused
         self.stagger_s = stagger_s
+        self.native = native  # the tracevisor._fastloop module (tracevisor/fastloop.py), or None
+        self.ring_offset = ring_offset  # --coalesce-console: the ring's offset in the kvm_run mapping
+        self.exit_budget = exit_budget  # v -> exits before Python must see one (0: no limit), or None
 
     def run_thread(self, v: VcpuState) -> None:
         """The body of a vCPU thread: start (APs staggered as uhyve does), loop, report how it ended."""
@@ -403,6 +418,12 @@ class VcpuRunner:
                                   cpu=v.cpu, report={"traceback": traceback.format_exc()}))
         finally:
             v.running = False
+            if self.ring_offset and not self.paused():
+                try:  # the coalesced console bytes still queued belong before the vCPU's stop
+                    self.ring_drain(v)
+                    self.ring_flush(v)
+                except Exception:  # a replay that diverged or stopped: the stop is already known
+                    pass
             if not self.paused() and not v.finished:
                 v.finished = True
                 if sink is not None:
@@ -413,6 +434,12 @@ class VcpuRunner:
 
     def loop(self, v: VcpuState) -> None:
         """The hot loop.  Everything per exit is a local lookup."""
+        # The C loop (tracevisor/fastloop.py); below, the pure-Python one, which also serves exact mode's
+        # serialized vCPUs: their schedule acts before and after every exit, UART exits included.
+        if self.native is not None and self.sched is None:
+            from .fastloop import vcpu_loop
+
+            return vcpu_loop(self, v, self.native)
         fd = v.vcpu.fd
         mm = v.vcpu.run_mmap
         run = v.vcpu.run
@@ -432,34 +459,28 @@ class VcpuRunner:
         monotonic_ns = time.monotonic_ns
         t0 = d.clock.t0
         cpu = v.cpu
-        stopping = self.stopping
         mask = _MASK
         pack_in = _PACK_IN
         sched = self.sched
+        ring = bool(self.ring_offset)
+        uart_port = hypercalls.UART_PORT
         while True:
             if sched is not None and not sched.wait_turn(v):
                 return
             if kvm_run(fd, KVM_RUN, 0) < 0:
                 err = get_errno()
                 if err == errno.EINTR or err == errno.EAGAIN:
-                    if stopping.is_set():
+                    if self.interrupted(v):
                         return
-                    run.immediate_exit = 0
-                    if v.pending_regs is not None and run.kvm_dirty_regs & U.KVM_SYNC_X86_REGS:
-                        # KVM returned before entering the guest and stored its older registers over ours
-                        _REGS.pack_into(mm, _SYNC_REGS_OFFSET, *v.pending_regs)
-                    if sched is not None:
-                        sched.on_interrupted(v)
-                    if v.stop_request is not None:
-                        reason_, message = v.stop_request
-                        if reason_ == StopReason.PAUSED:
-                            raise VmStop(StopInfo.paused(message, cpu=cpu))
-                        raise VmStop(d.reporter.fault(v, reason_, message))
-                    self.probe(v)
                     continue
-                raise VmStop(d.reporter.fault(v, StopReason.ERROR,
-                                              f"KVM_RUN failed on vCPU {cpu}: {os.strerror(err)}"))
+                self.kvm_run_failed(v, err)
             reason, direction, size, port, count, data_offset, rip, data = unpack(mm, 8)
+            if ring:  # --coalesce-console: the queued UART bytes come before this exit
+                self.ring_drain(v)
+                if reason == 2 and direction and port == uart_port and count == 1:  # the ring was full
+                    self.ring_collect(v, (data & mask[size]).to_bytes(4, "little")[:size], d.clock.now())
+                    continue
+                self.ring_flush(v)
             if reason == 2 and count == 1 and data_offset == IO_DATA_OFFSET:  # single port I/O, inline
                 if direction:  # OUT
                     value = data & mask[size]
@@ -483,6 +504,75 @@ class VcpuRunner:
                 dispatch(v, decode(run, mm, reason, rip))
             if sched is not None:
                 sched.after_exit(v, reason)
+
+    # -- shared by the pure-Python and the native loop -----------------------------------------------
+    def interrupted(self, v: VcpuState) -> bool:
+        """KVM_RUN returned EINTR/EAGAIN (a kick, a signal, immediate_exit): True when the vCPU must stop;
+        raises VmStop for a pause or a stop request; otherwise the loop re-enters the guest."""
+        if self.stopping.is_set():
+            return True
+        run = v.vcpu.run
+        run.immediate_exit = 0
+        if v.pending_regs is not None and run.kvm_dirty_regs & U.KVM_SYNC_X86_REGS:
+            # KVM returned before entering the guest and stored its older registers over ours
+            _REGS.pack_into(v.vcpu.run_mmap, _SYNC_REGS_OFFSET, *v.pending_regs)
+        if self.sched is not None:
+            self.sched.on_interrupted(v)
+        if v.stop_request is not None:
+            reason_, message = v.stop_request
+            if reason_ == StopReason.PAUSED:
+                raise VmStop(StopInfo.paused(message, cpu=v.cpu))
+            raise VmStop(self.dispatcher.reporter.fault(v, reason_, message))
+        self.probe(v)
+        return False
+
+    def kvm_run_failed(self, v: VcpuState, err: int) -> None:
+        raise VmStop(self.dispatcher.reporter.fault(v, StopReason.ERROR,
+                                                    f"KVM_RUN failed on vCPU {v.cpu}: {os.strerror(err)}"))
+
+    # -- coalesced console (--coalesce-console) -------------------------------------------------------
+    def ring_drain(self, v: VcpuState) -> None:
+        """Take the UART bytes KVM queued in the coalesced ring (in the order the guest wrote them)."""
+        mm = v.vcpu.run_mmap
+        base = self.ring_offset
+        first, last = _RING_HEAD.unpack_from(mm, base)
+        if first == last:
+            return
+        out = bytearray()
+        while first != last and first < _RING_MAX:
+            addr, length, pio, data = _RING_ENTRY.unpack_from(mm, base + 8 + first * _RING_ENTRY.size)
+            if pio and addr == hypercalls.UART_PORT and length <= 8:
+                out += data[:length]
+            first = (first + 1) % _RING_MAX
+        struct.pack_into("<I", mm, base, first)
+        if out:
+            self.ring_collect(v, bytes(out), self.dispatcher.clock.now())
+
+    def ring_collect(self, v: VcpuState, data: bytes, t: int) -> None:
+        """Coalesced UART bytes: shown at once, logged as console events before the next exit handled in user
+        space (in pieces of RING_EVENT_MAX bytes, a split that depends only on the bytes)."""
+        v.console_out(data)
+        buf = v.ring_buf
+        if not buf:
+            v.ring_t = t
+        buf += data
+        while len(buf) >= RING_EVENT_MAX:
+            piece = bytes(buf[:RING_EVENT_MAX])
+            del buf[:RING_EVENT_MAX]
+            self._ring_event(v, piece, v.ring_t)
+            v.ring_t = t
+
+    def ring_flush(self, v: VcpuState) -> None:
+        """Log the coalesced UART bytes gathered since the last exit (called before handling an exit)."""
+        if v.ring_buf:
+            data = bytes(v.ring_buf)
+            v.ring_buf.clear()
+            self._ring_event(v, data, v.ring_t)
+
+    def _ring_event(self, v: VcpuState, data: bytes, t: int) -> None:
+        sink = self.dispatcher.sink
+        if sink is not None:
+            sink.event("console", v.cpu, t, stream="uart", data=data, coalesced=True)
 
     @staticmethod
     def probe(v: VcpuState) -> None:

@@ -72,6 +72,7 @@ class SessionConfig:
     exact: bool = False  # exact mode: RDTSC/RDRAND sites recorded, one vCPU at a time (docs/determinism.md)
     nd_sites: dict | None = None  # replay: the recorded site table (header "exact")
     schedule: list | None = None  # replay: the recorded vCPU schedule (`sched` events)
+    coalesce_console: bool = False  # UART output through KVM's coalesced-I/O ring (no exit per byte)
 
     def __post_init__(self) -> None:
         self.kernel = os.fspath(self.kernel)
@@ -87,7 +88,7 @@ class SessionConfig:
         return VmConfig(kernel=self.kernel, args=list(self.args), memory=self.memory, cpus=self.cpus,
                         verbose=self.verbose, pit=self.pit, timeout=self.timeout, hide_rdrand=self.hide_rdrand,
                         cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s, exact=self.exact,
-                        nd_sites=self.nd_sites, schedule=self.schedule)
+                        nd_sites=self.nd_sites, schedule=self.schedule, coalesce_console=self.coalesce_console)
 
     def validate(self) -> None:
         """Every problem of the configuration itself as one TracevisorError (kernel and mounts excepted)."""
@@ -158,7 +159,8 @@ def trace_header(config: SessionConfig, image: KernelImage, machine: Machine, sa
                                   "RDRAND/RDSEED hidden in CPUID; TSC reads are not recorded; vCPUs run in "
                                   "parallel") + " (docs/determinism.md)"},
         "options": {"verbose": config.verbose, "pit": config.pit, "timeout": config.timeout,
-                    "stagger_s": config.stagger_s, "net": config.net},
+                    "stagger_s": config.stagger_s, "net": config.net,
+                    "coalesce_console": config.coalesce_console},
     }
     if machine.ndi is not None:
         header["exact"] = machine.ndi.header()
@@ -183,7 +185,8 @@ def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig
         verbose=bool(opts.get("verbose")), pit=bool(opts.get("pit")), timeout=opts.get("timeout"),
         net=opts.get("net"), hide_rdrand=bool(determinism.get("rdrand_hidden", True)),
         stagger_s=float(opts.get("stagger_s", AP_STAGGER_S)), cpuid_rows=header.get("cpuid"),
-        exact=exact, nd_sites=header.get("exact") if exact else None)
+        exact=exact, nd_sites=header.get("exact") if exact else None,
+        coalesce_console=opts.get("coalesce_console") is True)
 
 
 # -- sessions ------------------------------------------------------------------------------------------

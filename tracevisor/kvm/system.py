@@ -129,6 +129,11 @@ class Vm:
     def create_irqchip(self) -> None:
         _ioctl(self.fd, U.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
 
+    def register_coalesced_pio(self, port: int, size: int) -> None:
+        """Make OUTs to ports [port, port+size) complete in the kernel, queued in the coalesced-I/O ring."""
+        zone = U.kvm_coalesced_mmio_zone(addr=port, size=size, pio=1)
+        _ioctl(self.fd, U.KVM_REGISTER_COALESCED_MMIO, zone, "KVM_REGISTER_COALESCED_MMIO")
+
     def create_pit2(self) -> None:
         _ioctl(self.fd, U.KVM_CREATE_PIT2, U.kvm_pit_config(), "KVM_CREATE_PIT2")
 

@@ -166,6 +166,11 @@ class kvm_dirty_log(Struct):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class kvm_coalesced_mmio_zone(Struct):
+    # ``pio`` shares a union with ``pad``: 1 makes the zone a port range (KVM_CAP_COALESCED_PIO)
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]
+
+
 class kvm_lapic_state(Struct):
     _fields_ = [("regs", C.c_char * 1024)]
 
@@ -249,6 +254,7 @@ KVM_GET_DIRTY_LOG = _iow(0x42, kvm_dirty_log)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, u64)
+KVM_REGISTER_COALESCED_MMIO = _iow(0x67, kvm_coalesced_mmio_zone)
 KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_CREATE_PIT2 = _iow(0x77, kvm_pit_config)
 
@@ -280,6 +286,7 @@ KVM_API_VERSION = 12
 # Capabilities (KVM_CHECK_EXTENSION / KVM_ENABLE_CAP)
 KVM_CAP_IRQCHIP = 0
 KVM_CAP_USER_MEMORY = 3
+KVM_CAP_COALESCED_MMIO = 15  # the answer is the page offset of the ring in the vCPU mapping
 KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_SET_GUEST_DEBUG = 23
 KVM_CAP_PIT2 = 33
@@ -287,6 +294,7 @@ KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_SYNC_REGS = 74
 KVM_CAP_X2APIC_API = 129
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_COALESCED_PIO = 162
 
 KVM_X2APIC_API_USE_32BIT_IDS = 1 << 0
 KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK = 1 << 1

@@ -212,6 +212,12 @@ KINDS: dict[str, Kind] = {
                 Field("stream", "str", "\"uart\", \"stdout\" or \"stderr\""),
                 Field("data", "bin", "the bytes"),
             ),
+            optional=(
+                Field("coalesced", "bool", "true: UART bytes KVM queued in its coalesced-I/O ring (`record "
+                                           "--coalesce-console`), all those written since the previous exit row "
+                                           "of this cpu; such bytes have no exit rows, so no RIP or time of "
+                                           "their own, and replay compares them"),
+            ),
         ),
         Kind(
             "mmio",

@@ -347,6 +347,25 @@ class TraceWriter:
             self._flush()
         return seq
 
+    def native_window(self) -> tuple[bytearray, int, int] | None:
+        """For a native run loop that appends exit rows in place: (the chunk buffer, byte offset of the next
+        row, offset at which the chunk is full), or None when rows must go through :meth:`exit` (several
+        vCPU threads, validation).  Rows written there count once :meth:`native_commit` is called."""
+        if self._lock is not None or self._validate:
+            return None
+        return self._buf, self._off, self._lim
+
+    def native_commit(self, off: int) -> None:
+        """Account for the rows appended in place up to byte offset ``off`` (they take the next seqs), and
+        hand the chunk over when it is full, as :meth:`exit` does."""
+        n, rest = divmod(off - self._off, _ROW)
+        if n < 0 or rest:
+            raise ValueError(f"native rows end at {off}, not on a row boundary after {self._off}")
+        self._seq += n
+        self._off = off
+        if off >= self._lim:
+            self._flush()
+
     def now(self) -> int:
         """ns since the trace start (the clock of ``t_ns``)."""
         return time.monotonic_ns() - self.t0_ns
