@@ -41,10 +41,10 @@ def _chunk_items(path: str, cpu: int, kinds: frozenset[str], want_exits: bool, k
             ts = [t for (t,) in _TIME.iter_unpack(chunk.exits)]
             seqs = list(chunk.exit_seqs())
             if any(r[3] != cpu for r in rows):
-                keep = [k for k, r in enumerate(rows) if r[3] == cpu]
-                rows = [rows[k] for k in keep]
-                seqs = [seqs[k] for k in keep]
-                ts = [ts[k] for k in keep]
+                mine = [k for k, r in enumerate(rows) if r[3] == cpu]
+                rows = [rows[k] for k in mine]
+                seqs = [seqs[k] for k in mine]
+                ts = [ts[k] for k in mine]
             for e in rich:  # few per chunk: insert each at its place
                 k = bisect.bisect_left(seqs, e["seq"])
                 seqs.insert(k, e["seq"])
