@@ -13,7 +13,7 @@ import threading
 
 from . import __version__
 from .errors import TracevisorError
-from .status import ExitStatus
+from .status import ExitStatus, StopReason
 
 GUEST_ARGS_HELP = "arguments passed to the guest (its argv[1:]); everything after KERNEL goes here"
 
@@ -365,12 +365,12 @@ def cmd_replay(ns: argparse.Namespace) -> int:
         for w in r.warnings:
             print(f"tracevisor: warning: {w}", file=sys.stderr)
         result = r.run_to(ns.until) if ns.until is not None else r.run()
-        if result.reason == "paused":
+        if result.reason == StopReason.PAUSED:
             regs = r.registers(result.stop.cpu or 0)
             result.report = {"cpu": result.stop.cpu, "regs": regs}
             print(f"tracevisor: {result.message}; vCPU {result.stop.cpu or 0} rip={regs['rip']:#x} "
                   f"rsp={regs['rsp']:#x}", file=sys.stderr)
-        elif result.stop is not None and result.reason not in ("exit",) and not result.verified:
+        elif result.stop is not None and result.reason != StopReason.EXIT and not result.verified:
             text = result.stop.format()
             if text:
                 print(text, file=sys.stderr)

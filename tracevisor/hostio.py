@@ -318,8 +318,9 @@ class LiveHostIO(ConsoleBackend):
     """The real host: sandboxed files, stdio, wall clock and KVM's TSC frequency."""
 
     def __init__(self, sandbox: Sandbox, argv: list[bytes], env: list[bytes], console: Console,
-                 tsc_khz: int = 0, max_files: int = MAX_GUEST_FILES) -> None:
+                 tsc_khz: int = 0, max_files: int = MAX_GUEST_FILES, net=None) -> None:
         self.sandbox = sandbox
+        self.net = net  # a netbackend.NetBackend when the VM has a network device
         self.argv = argv
         self.env = env
         self.console_out = console
@@ -519,8 +520,6 @@ class LiveHostIO(ConsoleBackend):
 
     def rdrand(self, cpu, bits, seed):
         return int.from_bytes(os.urandom(bits // 8), "little")
-
-    net = None  # a netbackend.NetBackend when the VM has a network device (the CLI attaches it)
 
     def net_rx(self, cpu, poll):
         return self.net.recv() if self.net is not None else None

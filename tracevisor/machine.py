@@ -479,9 +479,9 @@ class Machine:
 
 
 def _signal_stop(sig: int) -> StopInfo:
-    if sig == signal.SIGTERM:
-        return StopInfo.of(StopReason.TERMINATED, "terminated (SIGTERM); VM stopped")
-    return StopInfo.of(StopReason.INTERRUPTED, "interrupted (Ctrl-C); VM stopped")
+    reason = signals.REASON.get(sig, StopReason.INTERRUPTED)
+    why = "(SIGTERM)" if reason == StopReason.TERMINATED else "(Ctrl-C)"
+    return StopInfo.of(reason, f"{reason} {why}; VM stopped")
 
 
 def _size_text(n: int) -> str:

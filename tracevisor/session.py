@@ -287,7 +287,22 @@ class _Host:
     env: list[bytes]
 
     def hostio(self, config: SessionConfig, machine: Machine) -> LiveHostIO:
-        return LiveHostIO(self.sandbox, self.argv, self.env, Console(quiet=config.quiet), tsc_khz=machine.tsc_khz)
+        """The live HostIO, with the network backend ``--net`` names opened (before any trace exists: a
+        TAP that cannot be opened leaves no trace file behind).  On failure everything is released."""
+        net = None
+        try:
+            if config.net:
+                from .netbackend import open_backend
+
+                net = open_backend(config.net)
+            return LiveHostIO(self.sandbox, self.argv, self.env, Console(quiet=config.quiet),
+                              tsc_khz=machine.tsc_khz, net=net)
+        except BaseException:
+            if net is not None:
+                net.close()
+            self.sandbox.close()
+            machine.close()
+            raise
 
 
 def _prepare(config: SessionConfig, image: KernelImage | None) -> _Host:
@@ -325,15 +340,6 @@ def build_run(config: SessionConfig, image: KernelImage | None = None) -> Sessio
         host.sandbox.close()
         raise
     live = host.hostio(config, machine)
-    try:
-        if config.net:
-            from .netbackend import open_backend
-
-            live.net = open_backend(config.net)
-    except BaseException:
-        live.close_all()
-        machine.close()
-        raise
     return Session(config, host.image, machine, live, live=live)
 
 
@@ -360,10 +366,6 @@ def build_record(config: SessionConfig, out: str | os.PathLike, *, compress: str
         raise
     live = host.hostio(config, machine)
     try:
-        if config.net:  # before the trace exists: a TAP that cannot be opened leaves no trace file behind
-            from .netbackend import open_backend
-
-            live.net = open_backend(config.net)
         header = trace_header(config, host.image, machine, host.sandbox, host.argv, host.env)
         signals.check()  # a deferred SIGINT/SIGTERM before the VM started: leave no trace file at all
         writer = TraceWriter(out, header, compress=compress, threadsafe=config.cpus > 1, max_bytes=max_bytes)

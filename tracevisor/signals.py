@@ -11,16 +11,20 @@ Nothing is raised, so the footer is always written.  The handler is installed wh
 inherited from the parent: a process started with SIGINT ignored (``nohup``, a shell's background job)
 still stops on SIGINT.
 
-This module imports only the standard library so that ``python -m tracevisor`` can install the handlers
-before anything slow is imported.
+This module imports only the standard library (and tracevisor.status, which does too) so that
+``python -m tracevisor`` can install the handlers before anything slow is imported.
 """
 
 from __future__ import annotations
 
 import signal
 
+from .status import STATUS_OF, StopReason
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report it
+#: How a VM (or the process, before there is one) stops on each signal, and its status (128 + signal).
+REASON = {signal.SIGINT: StopReason.INTERRUPTED, signal.SIGTERM: StopReason.TERMINATED}
+STATUS = {sig: int(STATUS_OF[reason]) for sig, reason in REASON.items()}
 NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 _received: int | None = None  # the first deferred signal, or None
@@ -77,8 +81,9 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
-        self.status = STATUS.get(signum, 130)
-        word = "interrupted" if signum == signal.SIGINT else "terminated"
+        reason = REASON.get(signum, StopReason.INTERRUPTED)
+        self.status = int(STATUS_OF[reason])
+        word = str(reason)
         super().__init__(f"{word} ({NAMES.get(signum, signum)})")
 
 

@@ -4,11 +4,13 @@ A :class:`StopInfo` is the outcome of every run, record, replay and debug sessio
 :class:`StopReason` (a ``str`` enum, so the value written to a trace's ``stop`` record and compared by
 older code is the plain word, e.g. ``"exit"``), its ``status`` the process exit status the CLI returns.
 Where a reason has one status it comes from :data:`STATUS_OF`; a guest's exit uses its own code.
+
+Standard library only and nothing slow to import (no dataclasses): tracevisor.signals uses the table
+before the rest of the CLI is imported.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
 
@@ -66,16 +68,28 @@ _REG_NAMES = ("rip", "rsp", "rbp", "rflags", "rax", "rbx", "rcx", "rdx", "rsi", 
               "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
 
-@dataclass
 class StopInfo:
     """Why and how the VM stopped; ``status`` is the process exit status the CLI returns."""
 
-    reason: StopReason
-    status: int
-    message: str = ""
-    code: int | None = None  # the guest's exit code, for reason == EXIT
-    cpu: int | None = None
-    report: dict = field(default_factory=dict)
+    __slots__ = ("reason", "status", "message", "code", "cpu", "report")
+
+    def __init__(self, reason: StopReason, status: int, message: str = "", code: int | None = None,
+                 cpu: int | None = None, report: dict | None = None) -> None:
+        self.reason = reason
+        self.status = status
+        self.message = message
+        self.code = code  # the guest's exit code, for reason == EXIT
+        self.cpu = cpu
+        self.report = {} if report is None else report
+
+    def __repr__(self) -> str:
+        return (f"StopInfo(reason={str(self.reason)!r}, status={self.status}, message={self.message!r}, "
+                f"code={self.code}, cpu={self.cpu})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StopInfo):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
 
     @classmethod
     def of(cls, reason: StopReason, message: str = "", **kw) -> StopInfo:
