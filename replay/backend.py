@@ -44,14 +44,34 @@ def _show(v):
 
 
 class ReplayingHostIO(ConsoleBackend):
+    """Guest output through WRITE is held until the checker has compared the hypercall that made it
+    (:meth:`release`): a replay never prints, as guest output, bytes it has not verified."""
+
     def __init__(self, path: str, cpus: int, console: Console) -> None:
         self.streams = {cpu: CpuStream(path, cpu, {"hostio"}) for cpu in range(cpus)}
         self.console_out = console
         self.answered = 0
+        self.held: dict[int, list[tuple[str, bytes]]] = {}  # per vCPU: output of a hypercall not yet compared
+        #: Called with the vCPU when its recorded host requests run out in a recording that ends at an
+        #: arbitrary point (set by the Replayer; it raises, ending that vCPU's part of the replay).
+        self.at_end = None
+
+    def release(self, cpu: int) -> None:
+        """The hypercall of ``cpu`` matched the recording: its output is verified, print it."""
+        held = self.held.pop(cpu, None)
+        if held:
+            for stream, data in held:
+                self.console_out.write(stream, data)
+
+    def unverified_output(self) -> bytes:
+        """Output held back because the replay diverged before it was verified."""
+        return b"".join(data for held in self.held.values() for _stream, data in held)
 
     def request(self, cpu: int, op: str, args: list) -> dict:
         """The recorded answer to request ``op(args)`` of ``cpu`` (generic: new ops need no code here)."""
         ev = self.streams[cpu].next()
+        if ev is None and self.at_end is not None:
+            self.at_end(cpu)
         if ev is None:
             raise Divergence(f"the guest asked the host for {op}{tuple(_show(args))} but the recording has no "
                              "further host request for this vCPU",
@@ -103,7 +123,7 @@ class ReplayingHostIO(ConsoleBackend):
         ret = self._ret(cpu, WRITE, fd, data)[0]
         stream = console_stream(fd)
         if stream is not None and ret >= 0:  # as recorded: nothing was shown after the guest closed fd 1/2
-            self.console_out.write(stream, data)
+            self.held.setdefault(cpu, []).append((stream, bytes(data)))  # printed once its hypercall matched
         return ret
 
     def lseek(self, cpu, fd, offset, whence):
@@ -170,6 +190,7 @@ class ReplayingHostIO(ConsoleBackend):
 
     def load(self, path: str, st: dict) -> None:
         self.answered = st["answered"]
+        self.held.clear()
         for c, n in st["consumed"].items():
             self.streams[c] = CpuStream.at(path, c, {"hostio"}, n)
 

@@ -23,7 +23,11 @@ from tracevisor.status import ExitStatus, StopInfo, StopReason
 from tracevisor.trace import open_trace
 
 from .backend import ReplayingHostIO
-from .checker import Checker, exit_dict
+from .checker import EXTERNAL_STOPS, Checker, exit_dict
+
+#: What each recorded external stop is called in verdict messages
+_STOP_WORDS = {"timeout": "the recording's --timeout", "interrupted": "Ctrl-C during the recording",
+               "terminated": "SIGTERM during the recording", "trace-full": "the recording's --max-trace-size"}
 
 KINDS = ("exit", "hypercall", "vcpu", "mmio", "virtio", "net", "event")
 
@@ -123,11 +127,16 @@ class ReplayResult:
     message: str
     report: dict = field(default_factory=dict)
     stop: StopInfo | None = None
+    vcpus: dict = field(default_factory=dict)  # per vCPU: {"matched", "left", "verdict"}
+    warnings: list = field(default_factory=list)  # the trace reader's warnings (damage, gaps, torn tail)
+    checks: dict = field(default_factory=dict)  # what was compared: digests, memory hashes, final memory
 
     def as_dict(self) -> dict:
         return {"status": self.status, "reason": self.reason, "matched": self.matched, "exits": self.exits,
                 "code": self.code, "recorded_code": self.recorded_code, "recorded_reason": self.recorded_reason,
-                "verified": self.verified, "message": self.message, "report": self.report}
+                "verified": self.verified, "message": self.message, "vcpus": self.vcpus,
+                "warnings": self.warnings, "checks": self.checks, "report": self.report}
+
 
 
 class Replayer:
@@ -136,19 +145,42 @@ class Replayer:
 
     def __init__(self, path: str | os.PathLike, kernel: str | None = None, force: bool = False,
                  quiet: bool = True, checkpoint_every: int = 0, max_checkpoints: int = 64,
-                 mode: str | None = None) -> None:
+                 mode: str | None = None, timeout: float | None = None) -> None:
         self.path = os.fspath(path)
         reader = open_trace(self.path)
         self.header = reader.header
         self.complete = reader.complete
+        # Read every chunk once, in strict order: damage, gaps and reordering are known (and warned about)
+        # before anything runs, and the replay checks nothing past the first break.
+        self.usable_events = reader.verify()
+        self.damaged = reader.discontinuity is not None
         self.recorded_stop = (reader.footer or {}).get("stop")
-        if self.recorded_stop is None:
-            for ev in reader.events(kinds=["stop"]):
+        if self.recorded_stop is None or self.damaged:
+            self.recorded_stop = None
+            for ev in reader.events(kinds=["stop"], stop=self.usable_events):
                 self.recorded_stop = ev
+        self.final = (reader.footer or {}).get("final") if not self.damaged else None
+        self.digests = reader.format[0] >= 2 and self.header.get("digests") is True
         self.warnings = list(reader.warnings)
         reader.close()
+        rec_reason = (self.recorded_stop or {}).get("reason")
+        if self.damaged:
+            self.open_ended: str | None = f"the trace is damaged after event #{self.usable_events - 1}" \
+                if self.usable_events else "the trace is damaged from its first chunk"
+        elif rec_reason in EXTERNAL_STOPS:
+            self.open_ended = f"stopped by {_STOP_WORDS[rec_reason]}"
+        elif self.recorded_stop is None:
+            self.open_ended = "the recorder was killed: the trace ends without a stop"
+        else:
+            self.open_ended = None
+        if timeout is not None and not (0 < timeout < float("inf")):
+            raise TracevisorError(f"--timeout {timeout}: must be a positive number of seconds")
+        self.timeout = timeout
         self.config, self.image = session.replay_kernel(self.header, self.path, kernel, force, mode)
         self.mode = session.replay_mode(self.header, self.path)
+        mh = self.header.get("memhash") if isinstance(self.header.get("memhash"), dict) else {}
+        self.mem_every = mh.get("every") if type(mh.get("every")) is int and mh.get("every") > 0 else 0
+        self.mem_hypercalls = mh.get("hypercalls") is True
         self.quiet = quiet
         self.checkpoint_every = checkpoint_every
         self.max_checkpoints = max_checkpoints
@@ -161,6 +193,7 @@ class Replayer:
         self.hostio: ReplayingHostIO | None = None
         self._callbacks: dict[str, list[Callable]] = {}
         self.result: ReplayResult | None = None
+        self.hasher = None  # MemoryHasher, when the trace has memory hashes
 
     # -- API -------------------------------------------------------------------------------------
     def on(self, kind: str, fn: Callable[[ReplayEvent], object]) -> Replayer:
@@ -178,6 +211,15 @@ class Replayer:
         if self.checker is not None:
             self.checker.until = None
         return self._go()
+
+    def _nothing_to_check(self) -> ReplayResult:
+        rec = self.recorded_stop or {}
+        why = "it is damaged from its first chunk" if self.damaged else "it holds no events"
+        self.result = ReplayResult(
+            status=int(ExitStatus.UNCHECKED), reason="unchecked", matched=0, exits=0, code=None,
+            recorded_code=rec.get("code"), recorded_reason=rec.get("reason"), verified=False,
+            message=f"nothing to check: {why}; the replay did not run", warnings=list(self.warnings))
+        return self.result
 
     def run_to(self, seq: int) -> ReplayResult:
         """Replay until recorded event ``seq`` has been reproduced, then pause (VM kept for inspection)."""
@@ -199,14 +241,66 @@ class Replayer:
                 raise TracevisorError("seeking backwards needs checkpoints: Replayer(path, checkpoint_every=N)")
             cp = self.restore_checkpoint(self.store.latest_at_or_before(seq))
             if cp.position >= seq:
-                return self._paused_result()
-        return self.run_to(seq)
+                return self._checked(self._paused_result())
+        return self._checked(self.run_to(seq))
+    def _checked(self, res: ReplayResult) -> ReplayResult:
+        """After seek/step_back: compare the state reached with the recording, and say how exact it is.
+
+        Registers: the digest of the vCPU's registers now against the recorded digest of the exit at the
+        position (an exit's digest is taken before the exit is handled; handling changes no register, an IN's
+        answer reaches rax only when the vCPU runs again).  Memory: the replay compared a hash at every
+        recorded ``mem`` event it passed; here the hash of memory now is compared when the position is itself
+        a recorded memory check."""
+        if res.reason != "paused":
+            return res  # a divergence (or the end) on the way: the result already says so
+        pos = self.checker.position
+        checks: dict = {"position": pos}
+        rec = self._recorded_event(pos)
+        if not self.digests:
+            checks["registers"] = "not checked: the trace has no register digests (format 1.x)"
+        elif rec is None or rec.get("k") != "exit":
+            checks["registers"] = "not checked: the position is not an exit"
+        else:
+            cpu = rec["cpu"]
+            import zlib
+
+            now = zlib.crc32(bytes(self.machine.vcpus[cpu].vcpu.get_regs()))
+            checks["registers"] = "identical to the recording" if now == rec.get("digest") else \
+                f"DIFFERENT from the recording (digest {now:#010x}, recorded {rec.get('digest'):#010x})"
+        mem_note = "no memory hash recorded here"
+        if self.hasher is not None and self.checker.last_mem_seq is not None:
+            mem_note = f"last compared at recorded event #{self.checker.last_mem_seq}"
+        checks["memory"] = mem_note
+        res.checks = checks
+        exact = checks["registers"] == "identical to the recording"
+        res.verified = exact
+        if not exact:
+            res.message += f"; cannot confirm this state is exact: registers {checks['registers']}"
+        else:
+            res.message += "; registers identical to the recording"
+        return res
+
+    def _recorded_event(self, seq: int) -> dict | None:
+        if seq < 0:
+            return None
+        reader = open_trace(self.path)
+        try:
+            for ev in reader.events(start=seq, stop=seq + 1):
+                return ev
+            return None
+        finally:
+            reader.close()
+
 
     def restore_checkpoint(self, index: int):
         """Bring the VM, the checker and the replaying HostIO back to checkpoint ``index`` (paused there)."""
         cp = self.store.restore(index)
         self.checker.load(self.path, cp.extra["checker"])
         self.hostio.load(self.path, cp.extra["hostio"])
+        for v, n in zip(self.machine.vcpus, cp.extra.get("countdown", [])):
+            v.mem_countdown = n
+        if self.hasher is not None:
+            self.hasher.resync(self.store.restored_pages)
         self.checker.stopped_by_callback = False
         self.machine.mark_paused(f"restored checkpoint at #{cp.position}")
         return cp
@@ -280,7 +374,11 @@ class Replayer:
         if self.machine is not None:
             return
         self.hostio = ReplayingHostIO(self.path, self.config.cpus, Console(quiet=self.quiet))
-        self.checker = Checker(self.path, self.config.cpus, console=self.config.coalesce_console)
+        self.checker = Checker(self.path, self.config.cpus, console=self.config.coalesce_console,
+                               digests=self.digests, open_ended=self.open_ended)
+        self.checker.on_verified = self.hostio.release
+        if self.open_ended is not None:
+            self.hostio.at_end = self.checker._reached_end
         self.checker.callbacks = self._callbacks
         self.checker.on_pause = self._pause
         self.checker.make_event = lambda cpu, ev: ReplayEvent(self, cpu, ev)
@@ -291,7 +389,21 @@ class Replayer:
             self.checker.on_checkpoint = self._checkpoint_request
         self.session = session.build_replay(self.config, self.image, self.hostio, self.checker,
                                             log=lambda msg: None if self.quiet else print(f"tracevisor: {msg}"))
-        self.machine = self.session.machine
+        self.machine = m = self.session.machine
+        self.checker.stopping = m._stopping
+        self.checker.regs_of = lambda cpu: bytes(m.vcpus[cpu].vcpu.get_regs())
+        if self.mem_every or self.mem_hypercalls:
+            from tracevisor.memhash import attach
+
+            self.hasher = attach(m, self.mem_every, self.mem_hypercalls, keep_copies=True)
+            self.checker.hasher = self.hasher
+        if self.timeout is not None:
+            import time
+
+            deadline = time.monotonic() + self.timeout
+            m.stop_conditions.append(
+                lambda: StopInfo.of(StopReason.REPLAY_TIMEOUT, f"replay --timeout of {self.timeout:g} s expired")
+                if time.monotonic() >= deadline else None)
 
     def boot(self) -> None:
         """Prepare and boot the VM (once), taking the first checkpoint when time travel is on; the VM is
@@ -308,7 +420,8 @@ class Replayer:
             self._take_checkpoint()
 
     def _take_checkpoint(self) -> None:
-        self.store.take(self.checker.position, {"checker": self.checker.save(), "hostio": self.hostio.save()})
+        self.store.take(self.checker.position, {"checker": self.checker.save(), "hostio": self.hostio.save(),
+                                                "countdown": [v.mem_countdown for v in self.machine.vcpus]})
 
     def _checkpoint_request(self, cpu: int) -> None:
         self._want_checkpoint = True
@@ -321,6 +434,8 @@ class Replayer:
                                    message or f"paused after event #{self.checker.position}")
 
     def _go(self) -> ReplayResult:
+        if self.usable_events == 0:
+            return self._nothing_to_check()
         self.prepare()
         try:
             self.boot()
@@ -350,50 +465,111 @@ class Replayer:
             return info
 
     def _result(self, info: StopInfo) -> ReplayResult:
+        """The verdict.  Computed once, from one count of matched events; a verdict per vCPU."""
         rec = self.recorded_stop or {}
         rec_code, rec_reason = rec.get("code"), rec.get("reason")
         c = self.checker
-        base = dict(matched=c.matched, exits=c.exits, code=info.code, recorded_code=rec_code,
-                    recorded_reason=rec_reason, stop=info)
-        if info.is_paused:
-            reason = StopReason.STOPPED if c.stopped_by_callback else StopReason.PAUSED
+        matched, exits = c.matched, c.exits  # before anything else reads the streams
+        checks = {"register_digests": self.digests, "memory_hashes": c.mem_checked,
+                  "memory_every": self.mem_every}
+        base = dict(matched=matched, exits=exits, code=info.code, recorded_code=rec_code,
+                    recorded_reason=rec_reason, stop=info, warnings=list(self.warnings), checks=checks)
+        if info.reason == "paused":
+            reason = "stopped" if c.stopped_by_callback else "paused"
             return ReplayResult(status=0, reason=reason, verified=False,
                                 message=f"replay {reason} after recorded event #{c.position} "
-                                        f"({c.matched} events matched)", **base)
-        if info.reason == StopReason.DIVERGED:
+                                        f"({matched} events matched)", **base)
+        remaining = c.remaining()
+        left = {cpu: len(r) for cpu, r in remaining.items()}
+        vcpus = {cpu: {"matched": s.consumed, "left": left[cpu]} for cpu, s in c.streams.items()}
+        base["vcpus"] = vcpus
+        leftover = {cpu: [e for e in lst] for cpu, lst in c.leftover().items()} if any(left.values()) else {}
+
+        def verdicts(default: str, bad_cpu: int | None = None, bad: str = "diverged") -> None:
+            for cpu, v in vcpus.items():
+                v["verdict"] = bad if cpu == bad_cpu else ("not verified: recorded events remain" if v["left"]
+                                                           else default)
+
+        if info.reason == "diverged":
             report = dict(info.report)
-            if not self.complete and report.get("expected") is None:
-                return ReplayResult(status=0, reason=StopReason.END_OF_TRACE, verified=False,
-                                    message=f"reached the end of an incomplete recording after {c.matched} "
-                                            "matching events (the recorder did not finish)", report=report,
-                                    **base)
-            return ReplayResult(status=int(ExitStatus.DIVERGED), reason=StopReason.DIVERGED, verified=False,
+            held = self.hostio.unverified_output()
+            if held:
+                report["unverified_output"] = held
+            verdicts("not verified (another vCPU diverged)", info.cpu)
+            return ReplayResult(status=int(ExitStatus.DIVERGED), reason="diverged", verified=False,
                                 message=info.message, report=report, **base)
-        if info.reason == StopReason.EXIT:
-            left = c.leftover()
-            ending_cpu = info.cpu if info.cpu is not None else 0
-            if ending_cpu in left:
-                return ReplayResult(status=int(ExitStatus.DIVERGED), reason=StopReason.DIVERGED, verified=False,
-                                    message=f"the replayed guest exited (code {info.code}) before the "
-                                            f"recording did: recorded events remain on vCPU {ending_cpu}",
-                                    report={"leftover": left}, **base)
-            sched = self.machine.sched if self.machine is not None else None
-            if sched is not None and sched.leftover():
-                return ReplayResult(status=int(ExitStatus.DIVERGED), reason=StopReason.DIVERGED, verified=False,
-                                    message=f"the replayed guest exited (code {info.code}) with "
-                                            f"{sched.leftover()} recorded vCPU switches not reached", **base)
-            if rec_reason == StopReason.EXIT and rec_code == info.code:
-                return ReplayResult(status=info.status, reason=StopReason.EXIT, verified=True,
-                                    message=f"replay verified: {c.matched} events matched ({c.exits} exits), "
-                                            f"exit code {info.code} identical to the recording", **base)
+        if info.reason == "replay-timeout":
+            verdicts("not verified (replay --timeout)")
+            return ReplayResult(status=int(ExitStatus.TIMEOUT), reason="replay-timeout", verified=False,
+                                message=f"not verified: replay --timeout of {self.timeout:g} s expired after "
+                                        f"{matched} matching events", report=info.report, **base)
+        if matched == 0:
+            verdicts("nothing checked")
+            return ReplayResult(status=int(ExitStatus.UNCHECKED), reason="unchecked", verified=False,
+                                message="nothing to check: no recorded event was reproduced "
+                                        f"({info.message})", report=info.report, **base)
+        if info.reason == StopReason.END_OF_TRACE:
+            verdicts("re-created up to the end of its recording")
+            mem = f", {c.mem_checked} memory hashes" if c.mem_checked else ""
+            regs = "registers compared at every exit" if self.digests else "no register digests in this trace"
+            return ReplayResult(status=int(ExitStatus.PARTIAL), reason=StopReason.END_OF_TRACE, verified=False,
+                                message=f"re-created up to the recorded stop ({self.open_ended}): {matched} "
+                                        f"events matched ({exits} exits; {regs}{mem}); what the guest did after "
+                                        "that was not recorded and is not checked", **base)
+        if any(left.values()):
+            cpus = ", ".join(str(cpu) for cpu, n in left.items() if n)
+            verdicts("verified up to the replay's stop", None)
+            what = f"the replayed guest exited (code {info.code})" if info.reason == "exit" else \
+                f"the replay stopped ({info.reason}: {info.message})"
+            return ReplayResult(status=int(ExitStatus.DIVERGED), reason="diverged", verified=False,
+                                message=f"not verified: {what} before the recording did: recorded events remain "
+                                        f"unreplayed on vCPU {cpus}",
+                                report={"leftover": leftover, "stop": info.as_dict()}, **base)
+        sched = self.machine.sched if self.machine is not None else None
+        if sched is not None and sched.leftover():
+            verdicts("not verified: recorded vCPU switches not reached")
             return ReplayResult(status=int(ExitStatus.DIVERGED), reason=StopReason.DIVERGED, verified=False,
-                                message=f"the replay exited with code {info.code}, the recording ended with "
-                                        f"{rec_reason} (code {rec_code})", **base)
-        # A fault/hang/timeout in the replay: verified if the recording ended the same way.
-        same = rec_reason == info.reason and not c.leftover().get(info.cpu or 0)
-        if same:
-            return ReplayResult(status=info.status, reason=info.reason, verified=True,
-                                message=f"replay verified: {c.matched} events matched; the guest stopped "
-                                        f"with {info.reason} as in the recording", report=info.report, **base)
-        return ReplayResult(status=info.status, reason=info.reason, verified=False,
-                            message=info.message, report=info.report, **base)
+                                message=f"not verified: the replay ended ({info.reason}) with {sched.leftover()} "
+                                        "recorded vCPU switches not reached", report=info.report, **base)
+        same = (rec_reason == "exit" and info.reason == "exit" and rec_code == info.code) or \
+            (rec_reason == info.reason and info.reason != "exit" and rec_reason not in EXTERNAL_STOPS)
+        if not same:
+            verdicts("diverged at the stop")
+            return ReplayResult(status=int(ExitStatus.DIVERGED), reason="diverged", verified=False,
+                                message=f"the replay ended with {info.reason} (code {info.code}), the recording "
+                                        f"with {rec_reason} (code {rec_code})", report=info.report, **base)
+        final_note = self._final_memory(checks)
+        if final_note is not None:
+            verdicts("diverged at the stop", info.cpu)
+            return ReplayResult(status=int(ExitStatus.DIVERGED), reason="diverged", verified=False, message=final_note,
+                                report=dict(info.report, memory_differs=True, pages=checks.get("final_pages")),
+                                **base)
+        verdicts("verified")
+        how = "registers compared at every exit" if self.digests else \
+            "no register digests in this format 1.x trace: exits compared by port, value and rip only"
+        mem = f", {c.mem_checked} memory hashes" if c.mem_checked else ""
+        fin = ", final memory identical" if checks.get("final_memory") == "identical" else ""
+        tail = f"exit code {info.code} identical to the recording" if info.reason == "exit" else \
+            f"the guest stopped with {info.reason} as in the recording"
+        return ReplayResult(status=0, reason=info.reason, verified=True,
+                            message=f"replay verified: {matched} events matched ({exits} exits; {how}{mem}{fin}), "
+                                    f"{tail}", report=info.report if info.reason != "exit" else {}, **base)
+
+    def _final_memory(self, checks: dict) -> str | None:
+        """Compare the memory hash at the stop with the footer's; a message when they differ.  Single-vCPU
+        runs only: other vCPUs are stopped wherever they happen to be, which a replay cannot reproduce."""
+        fin = self.final if isinstance(self.final, dict) else {}
+        want = fin.get("mem")
+        if type(want) is not int or self.config.cpus != 1:
+            checks["final_memory"] = "not compared" + (" (several vCPUs)" if self.config.cpus != 1 else "")
+            return None
+        from tracevisor.memhash import MemoryHasher
+
+        hasher = self.hasher or MemoryHasher(self.machine)
+        got = hasher.update()[0] if self.hasher is not None else hasher.start()[0]
+        if got == want:
+            checks["final_memory"] = "identical"
+            return None
+        checks["final_memory"] = "different"
+        return (f"guest memory at the stop differs from the recording's (hash {got:#018x}, recorded {want:#018x}): "
+                "the replay is not verified")

@@ -3,8 +3,10 @@
 A replay consumes the recording in two places at once: the divergence checker walks each vCPU's exits,
 hypercalls and lifecycle events; the replaying HostIO walks the same vCPU's ``hostio`` events.  Each is
 a :class:`CpuStream`, a lazy walk of the trace chunks that yields only the kinds it asked for, so a long
-trace is never held in memory.  Exits come out as ``("exit", seq, row)`` with the raw 27-byte row fields
-(t_ns, rip, value, port, vcpu, reason, dir, size); rich events as ``(kind, seq, dict)``.
+trace is never held in memory.  Exits come out as ``("exit", seq, row)`` with the raw row fields
+(t_ns, rip, value, port, vcpu, reason, dir, size[, digest]); rich events as ``(kind, seq, dict)``.  The
+walk is strict: it ends at the first damaged or out-of-sequence chunk, since nothing after a break in the
+recording can be checked against it.
 """
 
 from __future__ import annotations
@@ -14,23 +16,32 @@ import struct
 from collections.abc import Iterator
 
 from tracevisor.trace import open_trace
-from tracevisor.trace.schema import EXIT_ROW
+from tracevisor.trace.schema import EXIT_ROW, EXIT_ROW_V1
 
 _EXIT = "exit"
-_KEY = struct.Struct("<8x" + EXIT_ROW.format.lstrip("<")[1:])  # the row without t_ns
-_TIME = struct.Struct("<Q%dx" % (EXIT_ROW.size - 8))
-assert _KEY.size == _TIME.size == EXIT_ROW.size
 
 
-def _chunk_items(path: str, cpu: int, kinds: frozenset[str], want_exits: bool, keep=None
+def _layouts(row: struct.Struct, digests: bool) -> tuple[struct.Struct, struct.Struct]:
+    """(key, time) structs over a row of layout ``row``: the key is the row without t_ns (and without the
+    digest unless ``digests``), the time struct reads only t_ns."""
+    fmt = row.format.lstrip("<")[1:]
+    if row.size == EXIT_ROW.size and not digests:
+        key = struct.Struct("<8x" + EXIT_ROW_V1.format.lstrip("<")[1:] + "4x")
+    else:
+        key = struct.Struct("<8x" + fmt)
+    return key, struct.Struct("<Q%dx" % (row.size - 8))
+
+
+def _chunk_items(path: str, cpu: int, kinds: frozenset[str], want_exits: bool, keep=None, digests: bool = True
                  ) -> Iterator[tuple[list, list[int]]]:
     """Per chunk, this vCPU's events of the wanted kinds in seq order, as (items, seqs, ts): an exit is the
-    tuple (rip, value, port, vcpu, reason, dir, size) — what replay compares — a rich event its dict; ``ts``
-    holds the exits' timestamps.  For the common case (one vCPU, few rich events) the exit tuples come
-    straight from ``struct.iter_unpack``: no per-exit Python work."""
+    tuple (rip, value, port, vcpu, reason, dir, size[, digest]) — what replay compares — a rich event its
+    dict; ``ts`` holds the exits' timestamps.  For the common case (one vCPU, few rich events) the exit
+    tuples come straight from ``struct.iter_unpack``: no per-exit Python work."""
     reader = open_trace(path)
+    _KEY, _TIME = _layouts(reader.row, digests)
     try:
-        for chunk in reader.chunks():
+        for chunk in reader.chunks(strict=True):
             rich = [e for e in chunk.events if e.get("k") in kinds and e.get("cpu", 0) == cpu]
             if keep is not None:
                 rich = [e for e in rich if keep(e)]
@@ -71,11 +82,12 @@ class CpuStream:
     ``items[i]`` directly; :meth:`next` and :meth:`peek` return ``(kind, seq, payload)`` triples.
     """
 
-    def __init__(self, path: str, cpu: int, kinds: set[str], keep=None) -> None:
+    def __init__(self, path: str, cpu: int, kinds: set[str], keep=None, digests: bool = True) -> None:
         self.cpu = cpu
         self.kinds = frozenset(kinds)
         self.keep = keep  # optional predicate on rich events: False drops the event from the stream
-        self._chunks = _chunk_items(path, cpu, self.kinds - {_EXIT}, _EXIT in self.kinds, keep)
+        self.digests = digests
+        self._chunks = _chunk_items(path, cpu, self.kinds - {_EXIT}, _EXIT in self.kinds, keep, digests)
         self.items: list = []
         self.seqs: list[int] = []
         self.ts: list[int] = []
@@ -105,9 +117,9 @@ class CpuStream:
         return self._before + self.i
 
     @classmethod
-    def at(cls, path: str, cpu: int, kinds: set[str], consumed: int, keep=None) -> CpuStream:
+    def at(cls, path: str, cpu: int, kinds: set[str], consumed: int, keep=None, digests: bool = True) -> CpuStream:
         """A stream positioned after its first ``consumed`` events (restoring a checkpoint)."""
-        s = cls(path, cpu, kinds, keep)
+        s = cls(path, cpu, kinds, keep, digests)
         while s.consumed < consumed:
             if s.i >= len(s.items) and not s.refill():
                 break

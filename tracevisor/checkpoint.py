@@ -13,6 +13,7 @@ Not saved: the TSC (guests read the host's; see docs/determinism.md), in-kernel 
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 from .kvm import uapi as U
@@ -21,6 +22,66 @@ PAGE = 4096
 # MSRs worth keeping across a restore (the boot set plus the syscall/TLS ones a kernel may program)
 SAVED_MSRS = [U.MSR_IA32_MISC_ENABLE, U.MSR_IA32_CR_PAT, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,
               0xC0000102, 0xC0000103]
+
+
+class DirtyTracker:
+    """The pages written since each consumer last asked, from KVM's dirty-page log on the memory slot and
+    GuestMemory's record of host writes.  Reading KVM's log resets it, so checkpoints and memory hashes
+    share one tracker per machine (:meth:`of`) instead of stealing each other's bits."""
+
+    def __init__(self, machine) -> None:
+        self.machine = machine
+        mem = machine.memory
+        self.npages = mem.size // PAGE
+        machine.vm.set_memory_region(0, 0, mem.size, mem.host_address, flags=U.KVM_MEM_LOG_DIRTY_PAGES)
+        machine.vm.get_dirty_log(0, self.npages)  # start from a clean log
+        if mem.host_dirty is None:
+            mem.host_dirty = set()
+        self._pending: list[set[int]] = []
+
+    @classmethod
+    def of(cls, machine) -> DirtyTracker:
+        """The machine's tracker, created (and dirty logging switched on) at the first call."""
+        tracker = getattr(machine, "dirty_tracker", None)
+        if tracker is None:
+            tracker = cls(machine)
+            machine.dirty_tracker = tracker
+        return tracker
+
+    def subscribe(self) -> int:
+        self._pending.append(set())
+        return len(self._pending) - 1
+
+    def _collect(self) -> set[int]:
+        bitmap = self.machine.vm.get_dirty_log(0, self.npages)
+        mem = self.machine.memory
+        pages = set(mem.host_dirty)
+        mem.host_dirty.clear()
+        words = array("Q", bitmap)
+        for i, w in enumerate(words):
+            if w:
+                base = i * 64
+                while w:
+                    low = w & -w
+                    pages.add(base + low.bit_length() - 1)
+                    w ^= low
+        return {p for p in pages if p < self.npages}
+
+    def take(self, consumer: int) -> set[int]:
+        """Pages written since ``consumer`` last called take()."""
+        pages = self._collect()
+        for i, pend in enumerate(self._pending):
+            if i != consumer:
+                pend |= pages
+        mine = self._pending[consumer]
+        self._pending[consumer] = set()
+        return mine | pages
+
+    def mark(self, pages, but: int | None = None) -> None:
+        """Tell every consumer except ``but`` that ``pages`` were rewritten (e.g. by a restore)."""
+        for i, pend in enumerate(self._pending):
+            if i != but:
+                pend |= set(pages)
 
 
 @dataclass
@@ -56,22 +117,14 @@ class CheckpointStore:
         self.checkpoints: list[Checkpoint] = []
         mem = machine.memory
         self.npages = mem.size // PAGE
-        machine.vm.set_memory_region(0, 0, mem.size, mem.host_address, flags=U.KVM_MEM_LOG_DIRTY_PAGES)
-        machine.vm.get_dirty_log(0, self.npages)  # start from a clean log
-        mem.host_dirty = set()
+        self.tracker = DirtyTracker.of(machine)
+        self.consumer = self.tracker.subscribe()
+        #: Pages rewritten by the last :meth:`restore` (other page users, e.g. memory hashes, resync them).
+        self.restored_pages: set[int] = set()
 
     # -- dirty pages since the last checkpoint ---------------------------------------------------------
     def _dirty(self) -> set[int]:
-        bitmap = self.machine.vm.get_dirty_log(0, self.npages)
-        pages = set(self.machine.memory.host_dirty)
-        self.machine.memory.host_dirty.clear()
-        for i, byte in enumerate(bitmap):
-            if byte:
-                base = i * 8
-                for b in range(8):
-                    if byte >> b & 1:
-                        pages.add(base + b)
-        return {p for p in pages if p < self.npages}
+        return self.tracker.take(self.consumer)
 
     def _vcpu(self, v) -> VcpuSnapshot:
         vc = v.vcpu
@@ -128,7 +181,8 @@ class CheckpointStore:
                     mem.put_page(p, data)
                     break
         del cps[index + 1:]
-        mem.host_dirty.clear()
+        self.tracker.mark(changed, but=self.consumer)
+        self.restored_pages = changed
         for v, snap in zip(self.machine.vcpus, cp.vcpus):
             vc = v.vcpu
             vc.set_sregs(U.kvm_sregs.from_buffer_copy(snap.sregs))

@@ -128,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="re-execute a trace under KVM and check it against the recording",
                        description="Re-execute the recorded kernel, answering every host request from the "
                                    "trace (no host file, network or clock is touched), and stop with a report "
-                                   "at the first event that differs from the recording. Exit status: the "
-                                   "guest's exit code when verified, 4 on divergence.")
+                                   "at the first exit whose registers, memory or I/O differ from the recording. "
+                                   "Exit status: 0 verified (the whole recording re-created), 4 diverged, 5 "
+                                   "re-created up to a recorded stop that was not the guest's (timeout, Ctrl-C, "
+                                   "SIGTERM, trace full, recorder killed, damaged trace), 6 nothing to check, "
+                                   "124 replay --timeout expired (docs/determinism.md).")
     p.add_argument("trace", metavar="TRACE")
     p.add_argument("--kernel", metavar="PATH", help="the kernel to run instead of the path in the trace")
     p.add_argument("--force", action="store_true",
@@ -142,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="insist that the trace is an exact recording (refused otherwise)")
     mode.add_argument("--parallel", dest="mode", action="store_const", const="parallel",
                       help="insist that the trace is a --parallel recording (refused otherwise)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up after this many seconds (status 124, not verified): a guest that spins "
+                        "without exits would otherwise replay forever")
     p.add_argument("--gdb", metavar="[HOST:]PORT",
                    help="serve gdb over the replay, with reverse execution (reverse-continue, reverse-stepi, "
                         "reverse-step/next): gdb -ex 'target remote HOST:PORT' KERNEL (docs/time-travel.md)")
@@ -361,24 +367,30 @@ def cmd_replay(ns: argparse.Namespace) -> int:
         return _replay_gdb(ns)
     if ns.report:
         _check_writable(ns.report, "--report")
-    with Replayer(ns.trace, kernel=ns.kernel, force=ns.force, quiet=ns.quiet, mode=ns.mode) as r:
+    with Replayer(ns.trace, kernel=ns.kernel, force=ns.force, quiet=ns.quiet, mode=ns.mode,
+                  timeout=ns.timeout) as r:
         for w in r.warnings:
             print(f"tracevisor: warning: {w}", file=sys.stderr)
         result = r.run_to(ns.until) if ns.until is not None else r.run()
-        if result.reason == StopReason.PAUSED:
+        if result.reason == StopReason.PAUSED and result.stop is not None:
             regs = r.registers(result.stop.cpu or 0)
             result.report = {"cpu": result.stop.cpu, "regs": regs}
             print(f"tracevisor: {result.message}; vCPU {result.stop.cpu or 0} rip={regs['rip']:#x} "
                   f"rsp={regs['rsp']:#x}", file=sys.stderr)
-        elif result.stop is not None and result.reason != StopReason.EXIT and not result.verified:
-            text = result.stop.format()
-            if text:
-                print(text, file=sys.stderr)
+        elif result.reason == StopReason.DIVERGED and result.stop is not None:
+            if result.stop.reason == StopReason.DIVERGED:
+                text = result.stop.format()
+                if text:
+                    print(text, file=sys.stderr)
             _print_divergence(result)
             if result.message != result.stop.message:
                 print(f"tracevisor: {result.message}", file=sys.stderr)
         else:
             print(f"tracevisor: {result.message}", file=sys.stderr)
+        if len(result.vcpus) > 1:
+            for cpu, v in sorted(result.vcpus.items()):
+                print(f"tracevisor:   vCPU {cpu}: {v.get('verdict')} ({v['matched']} events matched, "
+                      f"{v['left']} left)", file=sys.stderr)
         if ns.report:
             try:
                 with open(ns.report, "w") as f:
@@ -425,6 +437,17 @@ def _json_default(v):
 
 def _print_divergence(result) -> None:
     rep = result.report
+    held = rep.get("unverified_output")
+    if held:
+        text = bytes(held).decode("utf-8", "backslashreplace")
+        print(f"  guest output at the divergence, NOT verified (not printed as guest output): {text!r}",
+              file=sys.stderr)
+    for p in rep.get("pages") or []:
+        line = f"  page {p['gpa']:#x}: crc recorded {p['recorded_crc']:#010x}, replay {p['replay_crc']:#010x}"
+        fc = p.get("first_changed")
+        if fc:
+            line += f"; replay changed {fc['gpa']:#x}: {fc['before']} -> {fc['replay']}"
+        print(line, file=sys.stderr)
     if not rep or "expected" not in rep:
         if rep.get("leftover"):
             print(f"  recorded but not replayed: {rep['leftover']}", file=sys.stderr)

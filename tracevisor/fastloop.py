@@ -188,6 +188,10 @@ def vcpu_loop(runner: VcpuRunner, v: VcpuState, ext: ModuleType) -> None:
     batch = v.uart_batch
     room = v.uart_room
     budget_of = runner.exit_budget
+    every = d.mem_every  # periodic memory hashes: the C loop returns after the countdown's last exit
+    periodic = d.mem_check if every else None
+    if periodic is not None and not v.mem_countdown:
+        v.mem_countdown = every
     dispatch = d.dispatch
     MODE_ROWS, MODE_CHECK = ext.MODE_ROWS, ext.MODE_CHECK
     uart_port = hypercalls.UART_PORT
@@ -206,6 +210,8 @@ def vcpu_loop(runner: VcpuRunner, v: VcpuState, ext: ModuleType) -> None:
                 items, i = st.items, st.i
         climit = room(cpu) if room is not None else 0
         budget = budget_of(v) if budget_of is not None else 0
+        if periodic is not None:
+            budget = v.mem_countdown if not budget else min(budget, v.mem_countdown)
         status, handled, off2, i2, con, con_t, ex = loop.run(budget, fast, off, lim, items, i, climit)
         # Order matters: the rows of the UART exits first, then their console bytes (a line's console
         # event follows its last exit row), then the exit Python handles.
@@ -219,6 +225,8 @@ def vcpu_loop(runner: VcpuRunner, v: VcpuState, ext: ModuleType) -> None:
                 runner.ring_collect(v, con, con_t)
             else:
                 batch(con, con_t)
+        if periodic is not None and handled:
+            _count_exits(v, handled, every, periodic)
         if status == 1:
             continue
         if status == 0:
@@ -229,11 +237,23 @@ def vcpu_loop(runner: VcpuRunner, v: VcpuState, ext: ModuleType) -> None:
                     continue
                 runner.ring_flush(v)
             dispatch(v, decode(run, mm, reason, rip))
+            if periodic is not None:
+                _count_exits(v, 1, every, periodic)
         elif status == 2:
             if runner.interrupted(v):
                 return
         else:
             runner.kvm_run_failed(v, ex)
+
+
+def _count_exits(v: VcpuState, n: int, every: int, periodic) -> None:
+    """``n`` more exits of ``v``: hash memory when its countdown runs out (the budget stops the C loop there)."""
+    left = v.mem_countdown - n
+    if left <= 0:
+        left = every
+        v.mem_countdown = left
+        periodic(v, "every")
+    v.mem_countdown = left
 
 
 #: Console bytes gathered in C before they go to Python (RecordingHostIO cuts UART console events here too).

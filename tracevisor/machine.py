@@ -107,6 +107,10 @@ class Machine:
         self._stop_lock = threading.Lock()
         self._stopping = threading.Event()
         self.stop_conditions: list[Callable[[], StopInfo | None]] = []  # polled by the main thread
+        # Memory hashes for replay verdicts (set by tracevisor.memhash.attach; see ExitDispatcher)
+        self.mem_check: Callable | None = None
+        self.mem_every = 0
+        self.mem_at_hypercalls = False
         self.caps = {
             "sync_regs": self.kvm.check_extension(U.KVM_CAP_SYNC_REGS),
             "irqchip": self.kvm.check_extension(U.KVM_CAP_IRQCHIP),
@@ -317,6 +321,10 @@ class Machine:
         dispatcher = ExitDispatcher(self.ports, sink, self.clock, self.reporter)
         if self.ndi is not None and self.ndi.debug_sites:
             dispatcher.debug_hook = self._nd_debug
+        dispatcher.mem_check, dispatcher.mem_every = self.mem_check, self.mem_every
+        dispatcher.mem_at_hypercalls = self.mem_at_hypercalls
+        if self.mem_check is not None:  # the memory every later hash starts from
+            self.mem_check(self.vcpus[0], "boot")
         # with a schedule, the scheduler decides when an AP first runs (uhyve's stagger, recorded)
         self.runner = VcpuRunner(dispatcher, self._stopping, self.stop, self.pause_requested,
                                  0.0 if self.sched is not None else self.config.stagger_s, sched=self.sched,

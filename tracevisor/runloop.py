@@ -11,9 +11,11 @@ Two pieces, split so that exit handling can be tested without KVM:
   access is served inline with local lookups (the same steps :meth:`ExitDispatcher.io` takes for
   ``count == 1``); every other exit is decoded into an :class:`Exit` and dispatched.
 
-A trace sink is anything with ``exit(cpu, t_ns, reason, rip, port, direction, size, value)`` and
+A trace sink is anything with ``exit(cpu, t_ns, reason, rip, port, direction, size, value, digest)`` and
 ``event(kind, cpu, t_ns, **fields)`` — the TraceWriter when recording, the divergence checker when
-replaying, None for a plain run.
+replaying, None for a plain run.  ``digest`` is the exit's register digest: zlib's CRC-32 of the 144-byte
+general-register block KVM_CAP_SYNC_REGS put in ``kvm_run`` (docs/trace-format.md), taken before the exit
+is handled (handling never writes that block; an IN's answer reaches rax only at the next KVM_RUN).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import struct
 import threading
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -52,6 +55,14 @@ _EXIT = struct.Struct("<I20xBBHIQ384xQ%dxI" % (IO_DATA_OFFSET - 440))
 _REGS = struct.Struct("<18Q")  # struct kvm_regs in kvm_run (KVM_CAP_SYNC_REGS)
 _SYNC_REGS_OFFSET = 304
 _libc_ioctl = ctypes.CDLL(None, use_errno=True).ioctl  # KVM_RUN only: its number fits a C int
+SYNC_REGS_OFFSET, SYNC_REGS_SIZE = 304, 144  # struct kvm_regs inside kvm_run (s.regs): the digest covers it
+
+
+def regs_digest(mm) -> int:
+    """The register digest of the exit now in the ``kvm_run`` mapping ``mm`` (off the hot path)."""
+    if mm is None or len(mm) < SYNC_REGS_OFFSET + SYNC_REGS_SIZE:
+        return 0
+    return zlib.crc32(mm[SYNC_REGS_OFFSET:SYNC_REGS_OFFSET + SYNC_REGS_SIZE])
 
 PortOut = Callable[["VcpuState", int, int, int], None]  # (v, port, size, value)
 PortIn = Callable[["VcpuState", int, int], int]  # (v, port, size) -> value
@@ -94,6 +105,7 @@ class VcpuState:
         self.finished = False  # stopped for good (not paused)
         self.running = False
         self.pending_regs: list[int] | None = None  # registers handed to KVM through sync regs (exact mode)
+        self.mem_countdown = 0  # exits until the next periodic memory hash (ExitDispatcher.mem_every)
 
 
 class Ports:
@@ -140,6 +152,8 @@ class Exit:
     # KVM_EXIT_INTERNAL_ERROR
     suberror: int = 0
     internal_data: tuple[int, ...] = ()
+    # every exit: the register digest (0 when the exit did not come from KVM)
+    digest: int = 0
     # KVM_EXIT_FAIL_ENTRY
     hardware_reason: int = 0
     # KVM_EXIT_SYSTEM_EVENT
@@ -150,6 +164,12 @@ class Exit:
 
 def decode(run, mm, reason: int, rip: int) -> Exit:
     """The exit in ``run`` (a ctypes kvm_run over the mapping ``mm``) as an :class:`Exit`."""
+    e = _decode(run, mm, reason, rip)
+    e.digest = regs_digest(mm)
+    return e
+
+
+def _decode(run, mm, reason: int, rip: int) -> Exit:
     if reason == U.KVM_EXIT_IO:
         io = run.exit.io
         return Exit(reason, rip, io.direction, io.size, io.port, io.count, io.data_offset, mm)
@@ -187,6 +207,11 @@ class ExitDispatcher:
         self.clock = clock
         self.reporter = reporter
         self.log = reporter.log
+        #: Memory hashes for replay verdicts (tracevisor.memhash.attach): mem_check(v, at) after every
+        #: hypercall when mem_at_hypercalls, and every mem_every exits of a vCPU (the run loop counts)
+        self.mem_check: Callable[[VcpuState, str], None] | None = None
+        self.mem_every = 0
+        self.mem_at_hypercalls = False
         ports.register(hypercalls.TABLE, out_handler=self.hypercall)
         ports.register((hypercalls.UART_PORT,), out_handler=self.uart)
         #: debug exits the VM itself uses (exact mode's debug-register sites): hook(v, exit) → True if served
@@ -213,7 +238,7 @@ class ExitDispatcher:
             self.debug(v, e)
             return
         if self.sink is not None:
-            self.sink.exit(v.cpu, self.clock.now(), e.reason, e.rip, 0, 0, 0, 0)
+            self.sink.exit(v.cpu, self.clock.now(), e.reason, e.rip, 0, 0, 0, 0, e.digest)
         handler = self.handlers.get(e.reason)
         if handler is None:
             self.unexpected(v, e)
@@ -235,7 +260,7 @@ class ExitDispatcher:
             if e.direction:
                 value = fmt.unpack_from(mm, off)[0]
                 if sink is not None:
-                    sink.exit(v.cpu, self.clock.now(), U.KVM_EXIT_IO, rip, port, 1, size, value)
+                    sink.exit(v.cpu, self.clock.now(), U.KVM_EXIT_IO, rip, port, 1, size, value, e.digest)
                 handler = self.ports.out.get(port)
                 if handler is None:
                     self.unknown_out(v, port, size, value, rip)
@@ -247,7 +272,7 @@ class ExitDispatcher:
                 value &= _MASK[size]
                 fmt.pack_into(mm, off, value)
                 if sink is not None:
-                    sink.exit(v.cpu, self.clock.now(), U.KVM_EXIT_IO, rip, port, 0, size, value)
+                    sink.exit(v.cpu, self.clock.now(), U.KVM_EXIT_IO, rip, port, 0, size, value, e.digest)
 
     def unknown_out(self, v: VcpuState, port: int, size: int, value: int, rip: int) -> None:
         raise VmStop(self.reporter.fault(
@@ -281,6 +306,8 @@ class ExitDispatcher:
             if call.outcome.payload is not None:
                 fields["payload"] = call.outcome.payload
             sink.event("hypercall", v.cpu, t, **fields)
+        if self.mem_at_hypercalls:  # memory as the call left it (READ data, write-backs), even for EXIT
+            self.mem_check(v, "hypercall")
         if call.outcome.exit_code is not None:
             raise GuestExit(call.outcome.exit_code)
 
@@ -440,6 +467,16 @@ class VcpuRunner:
             from .fastloop import vcpu_loop
 
             return vcpu_loop(self, v, self.native)
+        mm = v.vcpu.run_mmap
+        if len(mm) < _EXIT.size:
+            raise TracevisorError(f"the kvm_run mapping ({len(mm)} bytes) has no I/O data page")
+        regs = memoryview(mm)[SYNC_REGS_OFFSET:SYNC_REGS_OFFSET + SYNC_REGS_SIZE]
+        try:
+            self._exits(v, regs)
+        finally:
+            regs.release()  # the view pins the kvm_run mapping; the vCPU may be closed after the loop
+
+    def _exits(self, v: VcpuState, regs: memoryview) -> None:
         fd = v.vcpu.fd
         mm = v.vcpu.run_mmap
         run = v.vcpu.run
@@ -448,14 +485,16 @@ class VcpuRunner:
         kvm_run = _libc_ioctl
         get_errno = ctypes.get_errno
         KVM_RUN = U.KVM_RUN
-        if len(mm) < _EXIT.size:
-            raise TracevisorError(f"the kvm_run mapping ({len(mm)} bytes) has no I/O data page")
         unpack = _EXIT.unpack_from
         d = self.dispatcher
         out_ports = d.ports.out
         in_ports = d.ports.inp
         trace_exit = d.sink.exit if d.sink is not None else None
         dispatch = d.dispatch
+        crc32 = zlib.crc32
+        every = d.mem_every
+        periodic = d.mem_check if every else None
+        countdown = v.mem_countdown or every
         monotonic_ns = time.monotonic_ns
         t0 = d.clock.t0
         cpu = v.cpu
@@ -485,25 +524,32 @@ class VcpuRunner:
                 if direction:  # OUT
                     value = data & mask[size]
                     if trace_exit is not None:
-                        trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 1, size, value)
+                        trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 1, size, value, crc32(regs))
                     handler = out_ports.get(port)
                     if handler is None:
                         d.unknown_out(v, port, size, value, rip)
                     else:
                         handler(v, port, size, value)
                 else:  # IN
+                    dig = crc32(regs) if trace_exit is not None else 0
                     handler = in_ports.get(port)
                     value = handler(v, port, size) if handler else d.unknown_in(v, port, size, rip)
                     value &= mask[size]
                     pack_in[size].pack_into(mm, data_offset, value)
-                    if trace_exit is not None:
-                        trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 0, size, value)
+                    if trace_exit is not None:  # the digest of the registers before the answer reaches rax
+                        trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 0, size, value, dig)
             elif reason == 4 and sched is not None and sched.on_debug(v, run.exit.debug.pc):
                 continue  # the replay's schedule seeking a recorded kick point: not a guest exit
             else:
                 dispatch(v, decode(run, mm, reason, rip))
             if sched is not None:
                 sched.after_exit(v, reason)
+            if periodic is not None:
+                countdown -= 1
+                if not countdown:
+                    countdown = every
+                    periodic(v, "every")
+                v.mem_countdown = countdown
 
     # -- shared by the pure-Python and the native loop -----------------------------------------------
     def interrupted(self, v: VcpuState) -> bool:

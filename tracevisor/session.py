@@ -161,6 +161,7 @@ def trace_header(config: SessionConfig, image: KernelImage, machine: Machine, sa
         "options": {"verbose": config.verbose, "pit": config.pit, "timeout": config.timeout,
                     "stagger_s": config.stagger_s, "net": config.net,
                     "coalesce_console": config.coalesce_console},
+        "digests": bool(desc["caps"].get("sync_regs")),
     }
     if machine.ndi is not None:
         header["exact"] = machine.ndi.header()
@@ -207,6 +208,7 @@ class Session:
         self.writer = writer  # the TraceWriter of a recording
         self.summary: dict | None = None  # the writer's totals once the recording is closed
         self.info: StopInfo | None = None
+        self.hasher = None  # the recording's MemoryHasher (single-vCPU recordings)
 
     def boot(self) -> None:
         """Lay out the guest without running it (a debugger attaches here; then machine.resume())."""
@@ -242,6 +244,12 @@ class Session:
         if self.writer is not None and self.max_bytes_text is not None:
             info = _trace_full_stop(info, self.writer, self.max_bytes_text)
         self.info = info
+        if self.writer is not None and self.machine.booted:  # the state at the stop, for the replay's check
+            from .memhash import MemoryHasher
+
+            hasher = self.hasher
+            self.writer.final = {"mem": hasher.update()[0] if hasher is not None
+                                 else MemoryHasher(self.machine).start()[0]}
         if self.writer is not None:
             stop = info.as_dict()
             stop["report"] = {k: v for k, v in stop["report"].items() if k != "traceback"}
@@ -368,6 +376,12 @@ def build_record(config: SessionConfig, out: str | os.PathLike, *, compress: str
     try:
         header = trace_header(config, host.image, machine, host.sandbox, host.argv, host.env)
         signals.check()  # a deferred SIGINT/SIGTERM before the VM started: leave no trace file at all
+        hasher = None
+        if config.cpus == 1:  # memory hashes between exits need a memory no other vCPU is writing
+            from .memhash import DEFAULT_EVERY, attach
+
+            hasher = attach(machine, DEFAULT_EVERY)
+            header["memhash"] = {"every": DEFAULT_EVERY, "hypercalls": True}
         writer = TraceWriter(out, header, compress=compress, threadsafe=config.cpus > 1, max_bytes=max_bytes)
     except BaseException:
         live.close_all()
@@ -380,6 +394,7 @@ def build_record(config: SessionConfig, out: str | os.PathLike, *, compress: str
                             "recording stopped") if writer.full else None)
     hostio = RecordingHostIO(live, writer, clock.now)
     session = Session(config, host.image, machine, hostio, sink=writer, clock=clock, live=live, writer=writer)
+    session.hasher = hasher
     if max_bytes is not None:
         session.max_bytes_text = limit
     return session

@@ -30,7 +30,8 @@ class StopReason(StrEnum):
     DIVERGED = "diverged"  # a replay left the recording
     TRACE_FULL = "trace-full"  # --max-trace-size reached; the trace is complete up to there
     KILLED = "killed"  # gdb's kill
-    END_OF_TRACE = "end-of-trace"  # a replay reached the end of an incomplete recording
+    END_OF_TRACE = "end-of-trace"  # a replay re-created a recording up to a stop that was not the guest's
+    REPLAY_TIMEOUT = "replay-timeout"  # replay --timeout expired (never a verdict)
 
 
 class ExitStatus(IntEnum):
@@ -41,6 +42,9 @@ class ExitStatus(IntEnum):
     USAGE = 2
     GUEST_FAULT = 3  # the VM was stopped because of the guest (fault, bad request, hang)
     DIVERGED = 4  # replay diverged from the recording
+    PARTIAL = 5  # replay re-created the recording up to its recorded stop (timeout, signal, trace full, killed,
+    #              damaged trace): not the whole run, and not a divergence
+    UNCHECKED = 6  # replay had nothing to check (a trace without events)
     TIMEOUT = 124  # as timeout(1)
     INTERRUPTED = 130  # 128 + SIGINT
     KILLED = 137  # 128 + SIGKILL: killed from gdb
@@ -61,7 +65,8 @@ STATUS_OF: dict[StopReason, ExitStatus] = {
     StopReason.DIVERGED: ExitStatus.DIVERGED,
     StopReason.TRACE_FULL: ExitStatus.ERROR,
     StopReason.KILLED: ExitStatus.KILLED,
-    StopReason.END_OF_TRACE: ExitStatus.OK,
+    StopReason.END_OF_TRACE: ExitStatus.PARTIAL,
+    StopReason.REPLAY_TIMEOUT: ExitStatus.TIMEOUT,
 }
 
 _REG_NAMES = ("rip", "rsp", "rbp", "rflags", "rax", "rbx", "rcx", "rdx", "rsi", "rdi",

@@ -261,7 +261,7 @@ def _totals(reader: TraceReader) -> dict:
     for chunk in reader.chunks():
         events += chunk.n
         exits += chunk.n_exits
-        by_reason.update(chunk.exits[24::27])
+        by_reason.update(chunk.exits[24::chunk.row.size])
         for ev in chunk.events:
             if ev.get("k") == "stop":
                 stop = ev

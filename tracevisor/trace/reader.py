@@ -33,13 +33,14 @@ from .schema import (
     KNOWN_FLAGS,
     MAGIC,
     READS_MAJOR,
+    READS_MAJORS,
     TRAILER,
     TRAILER_MAGIC,
     TRAILER_SIZE,
+    exit_row_struct,
 )
 
-_ROW = EXIT_ROW_SIZE
-_iter_unpack = EXIT_ROW.iter_unpack
+_V1_LAYOUT = {k: v for k, v in EXIT_FIELD_LAYOUT.items() if k != "digest"}
 _TYPECODES = {array(c).itemsize: c for c in "QLIHB"[::-1]}  # width -> typecode (smallest name wins)
 _BIG_ENDIAN = sys.byteorder == "big"
 
@@ -78,22 +79,29 @@ class Chunk:
     """One decoded chunk: events ``seq0 .. seq0+n-1``; exit rows in :attr:`exits`, rich events in
     :attr:`events` (dicts, ascending seq).  The exits' seqs are the chunk's seqs not used by a rich event."""
 
-    __slots__ = ("index", "offset", "seq0", "n", "exits", "events")
+    __slots__ = ("index", "offset", "seq0", "n", "exits", "events", "row")
 
-    def __init__(self, index: int, offset: int, seq0: int, n: int, exits: bytes, events: list[dict]) -> None:
+    def __init__(self, index: int, offset: int, seq0: int, n: int, exits: bytes, events: list[dict],
+                 row: Any = EXIT_ROW) -> None:
         self.index = index
         self.offset = offset
         self.seq0 = seq0
         self.n = n
         self.exits = exits
         self.events = events
+        self.row = row  # the exit row layout (schema.EXIT_ROW, or EXIT_ROW_V1 in a format 1.x trace)
 
     def __repr__(self) -> str:
         return f"Chunk(index={self.index}, seq0={self.seq0}, n={self.n}, exits={self.n_exits}, events={len(self.events)})"
 
     @property
     def n_exits(self) -> int:
-        return len(self.exits) // _ROW
+        return len(self.exits) // self.row.size
+
+    @property
+    def has_digests(self) -> bool:
+        """Do the exit rows carry register digests (format 2.x)?"""
+        return self.row.size == EXIT_ROW_SIZE
 
     def exit_seqs(self) -> array:
         """Seqs of the exit rows, in row order (``array('Q')``)."""
@@ -110,24 +118,27 @@ class Chunk:
         return out
 
     def exit_rows(self) -> Iterator[tuple[int, ...]]:
-        """Exit rows as tuples ``(t_ns, rip, value, port, vcpu, reason, dir, size)`` (schema.EXIT_FIELDS)."""
-        return _iter_unpack(self.exits)
+        """Exit rows as tuples ``(t_ns, rip, value, port, vcpu, reason, dir, size, digest)``
+        (schema.EXIT_FIELDS; format 1.x rows lack ``digest``)."""
+        return self.row.iter_unpack(self.exits)
 
     def exit_columns(self) -> dict[str, array]:
         """Exit rows as columns: ``{field: array.array}`` for every field of schema.EXIT_FIELDS.
 
         Built with strided byte slicing, no per-row Python work.  (With numpy, prefer
-        ``numpy.frombuffer(chunk.exits, dtype=schema.EXIT_DTYPE_FIELDS)``.)"""
+        ``numpy.frombuffer(chunk.exits, dtype=schema.EXIT_DTYPE_FIELDS)``.)  Format 1.x chunks have no
+        ``digest`` column."""
         ex = self.exits
-        m = len(ex) // _ROW
+        rs = self.row.size
+        m = len(ex) // rs
         cols: dict[str, array] = {}
-        for name, (off, width) in EXIT_FIELD_LAYOUT.items():
+        for name, (off, width) in (EXIT_FIELD_LAYOUT if self.has_digests else _V1_LAYOUT).items():
             if width == 1:
-                raw: bytes | bytearray = ex[off::_ROW]
+                raw: bytes | bytearray = ex[off::rs]
             else:
                 raw = bytearray(m * width)
                 for j in range(width):
-                    raw[j::width] = ex[off + j :: _ROW]
+                    raw[j::width] = ex[off + j :: rs]
             col = array(_TYPECODES[width])
             col.frombytes(raw)
             if _BIG_ENDIAN and width > 1:
@@ -155,7 +166,7 @@ class Chunk:
             es = ev["seq"]
             if es > s:
                 if want_exits:
-                    yield from _exit_dicts(mv, row, s, es, lo, hi, vcpu)
+                    yield from _exit_dicts(mv, self.row, row, s, es, lo, hi, vcpu)
                 row += es - s
             s = es + 1
             if es >= hi:
@@ -164,11 +175,13 @@ class Chunk:
                 yield ev
         end = self.seq0 + self.n
         if want_exits and end > s:
-            yield from _exit_dicts(mv, row, s, end, lo, hi, vcpu)
+            yield from _exit_dicts(mv, self.row, row, s, end, lo, hi, vcpu)
 
 
-def _exit_dicts(mv: memoryview, row: int, s: int, e: int, lo: int, hi: int, vcpu: int | None) -> Iterator[dict]:
-    """Exit maps for the exit seqs [s, e) whose first row is ``row``, clipped to [lo, hi)."""
+def _exit_dicts(mv: memoryview, layout: Any, row: int, s: int, e: int, lo: int, hi: int, vcpu: int | None
+                ) -> Iterator[dict]:
+    """Exit maps for the exit seqs [s, e) whose first row is ``row``, clipped to [lo, hi).  ``digest`` is None
+    in a format 1.x trace."""
     if s < lo:
         row += lo - s
         s = lo
@@ -176,16 +189,14 @@ def _exit_dicts(mv: memoryview, row: int, s: int, e: int, lo: int, hi: int, vcpu
         e = hi
     if s >= e:
         return
-    rows = _iter_unpack(mv[row * _ROW : (row + e - s) * _ROW])
-    if vcpu is None:
-        for seq, (t, rip, value, port, cpu, reason, d, size) in zip(range(s, e), rows):
+    rs = layout.size
+    rows = layout.iter_unpack(mv[row * rs : (row + e - s) * rs])
+    if rs != EXIT_ROW_SIZE:
+        rows = ((*r, None) for r in rows)
+    for seq, (t, rip, value, port, cpu, reason, d, size, digest) in zip(range(s, e), rows):
+        if vcpu is None or cpu == vcpu:
             yield {"k": "exit", "seq": seq, "cpu": cpu, "t": t, "reason": reason, "rip": rip, "port": port,
-                   "dir": d, "size": size, "value": value}
-    else:
-        for seq, (t, rip, value, port, cpu, reason, d, size) in zip(range(s, e), rows):
-            if cpu == vcpu:
-                yield {"k": "exit", "seq": seq, "cpu": cpu, "t": t, "reason": reason, "rip": rip, "port": port,
-                       "dir": d, "size": size, "value": value}
+                   "dir": d, "size": size, "value": value, "digest": digest}
 
 
 def _open_regular(path: str):
@@ -223,6 +234,10 @@ class TraceReader:
         self.chunk_index: list[ChunkRef] = []
         self._warned: set[int] = set()
         self._data_end = self.size  # chunk frames lie before this offset
+        self.row = EXIT_ROW  # the exit row layout of this trace's format
+        self._index_warned = False
+        #: Where the first break of the seq sequence is, once found: ``(chunk index, expected seq0)``.
+        self.discontinuity: tuple[int, int] | None = None
         try:
             self._open()
         except BaseException:
@@ -283,13 +298,16 @@ class TraceReader:
         ):
             raise TraceError(f"{path}: trace header is corrupt (no format version)")
         major, minor = fmt[0], fmt[1]
+        readable = " and ".join(f"{m}.x" for m in READS_MAJORS)
         if major > READS_MAJOR:
             raise TraceError(
                 f"trace format version {major}.{minor} is newer than this tracevisor "
-                f"(reads {READS_MAJOR}.x); upgrade tracevisor"
+                f"(reads {readable}); upgrade tracevisor"
             )
-        if major < READS_MAJOR:
-            raise TraceError(f"trace format version {major}.{minor} is not readable by this tracevisor (reads {READS_MAJOR}.x)")
+        if major not in READS_MAJORS:
+            raise TraceError(f"trace format version {major}.{minor} is not readable by this tracevisor (reads {readable})")
+        self.row = exit_row_struct(major)
+        self.format = (major, minor)
         if header.get("compression") == "zstd" and not zstd_available():
             raise TraceError(f"{path} is zstd-compressed; install zstandard: pip install 'tracevisor[zstd]'")
         return header, pos + FRAME_HEADER_SIZE + length
@@ -435,6 +453,14 @@ class TraceReader:
                 self._warned.add(i)
                 self.warnings.append(f"chunk {i} at offset {ref.offset} {e}: {self._skipped(i)}; later chunks still read")
             return None
+        if ref.seq0 is not None and (ref.seq0, ref.n) != (chunk.seq0, chunk.n):
+            # The footer's index is a claim about the file, checked here, never trusted over the chunk itself.
+            if not self._index_warned:
+                self._index_warned = True
+                self.warnings.append(
+                    f"the footer's chunk index does not match the file: chunk {i} at offset {ref.offset} holds "
+                    f"seqs {chunk.seq0}..{chunk.seq0 + chunk.n - 1}, the index says {ref.seq0}..{ref.seq0 + (ref.n or 0) - 1}"
+                    " (chunks moved or edited?)")
         ref.seq0, ref.n = chunk.seq0, chunk.n
         return chunk
 
@@ -486,8 +512,9 @@ class TraceReader:
         events = obj.get("events", [])
         if not (_is_count(seq0) and _is_count(n)):
             raise _Damaged("is malformed (no seq0/n)")
-        if type(exits) is not bytes or len(exits) % _ROW:
-            raise _Damaged("is malformed (exit rows are not a multiple of 27 bytes)")
+        rs = self.row.size
+        if type(exits) is not bytes or len(exits) % rs:
+            raise _Damaged(f"is malformed (exit rows are not a multiple of {rs} bytes)")
         if type(events) is not list:
             raise _Damaged("is malformed (events is not a list)")
         prev = seq0 - 1
@@ -499,9 +526,9 @@ class TraceReader:
             if type(s) is not int or not prev < s < end or type(ev.get("k")) is not str:
                 raise _Damaged("is malformed (event seqs out of order or range)")
             prev = s
-        if len(exits) // _ROW != n - len(events):
-            raise _Damaged(f"is malformed ({len(exits) // _ROW} exit rows for {n - len(events)} exit seqs)")
-        return Chunk(ref.index, ref.offset, seq0, n, exits, events)
+        if len(exits) // rs != n - len(events):
+            raise _Damaged(f"is malformed ({len(exits) // rs} exit rows for {n - len(events)} exit seqs)")
+        return Chunk(ref.index, ref.offset, seq0, n, exits, events, self.row)
 
     def _seq0_of(self, i: int) -> int | None:
         """seq0 of chunk i, from the index or by peeking at the start of its payload (not CRC-checked)."""
@@ -524,12 +551,58 @@ class TraceReader:
             return None
         return None
 
-    def chunks(self) -> Iterator[Chunk]:
-        """Decoded chunks in file order, one at a time; damaged ones are skipped (with a warning)."""
-        for i in range(len(self.chunk_index)):
+    def chunks(self, strict: bool = False, first: int = 0) -> Iterator[Chunk]:
+        """Decoded chunks in file order, one at a time, each continuing the seqs of the one before.
+
+        Damaged chunks are skipped with a warning.  A chunk that does not start where the previous one ended
+        is a warning too: one that goes back (a repeat, or chunks out of order) is skipped, one that leaves a
+        gap is still read.  ``strict=True`` (replay) stops instead at the first damaged or discontinuous
+        chunk: nothing after a break in the recording can be checked against it."""
+        expected: int | None = None
+        for i in range(first, len(self.chunk_index)):
             chunk = self._load(i)
-            if chunk is not None:
-                yield chunk
+            if chunk is None:
+                if strict:
+                    self._note_break(i, expected if expected is not None else self._expected_at(i))
+                    return
+                expected = None  # already reported as damaged; what follows may start anywhere
+                continue
+            if expected is None and i == 0:
+                expected = 0
+            if expected is not None and chunk.seq0 != expected:
+                what = (f"leaves a gap (events {expected}..{chunk.seq0 - 1} are missing)" if chunk.seq0 > expected
+                        else f"repeats or goes back to seq {chunk.seq0} (chunks out of order?)")
+                self._note_break(i, expected)
+                if i not in self._warned:
+                    self._warned.add(i)
+                    self.warnings.append(f"chunk {i} at offset {chunk.offset} starts at seq {chunk.seq0}, expected "
+                                         f"{expected}: it {what}" + ("; reading stopped there" if strict else
+                                         "; skipped" if chunk.seq0 < expected else ""))
+                if strict:
+                    return
+                if chunk.seq0 < expected:
+                    continue
+            expected = chunk.seq0 + chunk.n
+            yield chunk
+
+    def _expected_at(self, i: int) -> int:
+        if i == 0:
+            return 0
+        prev = self.chunk_index[i - 1]
+        return prev.seq0 + prev.n if prev.seq0 is not None and prev.n is not None else 0
+
+    def _note_break(self, i: int, expected: int) -> None:
+        if self.discontinuity is None:
+            self.discontinuity = (i, expected)
+
+    def verify(self) -> int:
+        """Read every chunk once in strict order; returns the number of events before the first break
+        (damage, gap, repeat or reorder), which :attr:`discontinuity` then describes.  Warnings are added to
+        :attr:`warnings` as usual."""
+        end = 0
+        for chunk in self.chunks(strict=True):
+            end = chunk.seq0 + chunk.n
+        return end
 
     def chunk(self, i: int) -> Chunk | None:
         """Chunk ``i`` of :attr:`chunk_index` (negative indexes count from the end); None if damaged."""
@@ -574,10 +647,7 @@ class TraceReader:
         elif kinds is not None:
             kinds = frozenset(kinds)
         first = 0 if start is None else self._first_chunk_for(start)
-        for i in range(first, len(self.chunk_index)):
-            chunk = self._load(i)
-            if chunk is None:
-                continue
+        for chunk in self.chunks(first=first):
             if stop is not None and chunk.seq0 >= stop:
                 return
             yield from chunk.iter_events(kinds, vcpu, start, stop)

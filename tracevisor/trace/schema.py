@@ -31,10 +31,13 @@ from ..kvm.uapi import EXIT_REASON_NAMES, exit_reason_name
 #: First 8 bytes of every trace file (PNG-style: a non-ASCII byte, the name, CR LF, ^Z, LF).
 MAGIC = b"\x89TVT\r\n\x1a\n"
 
-#: Format version written by this tracevisor: (major, minor).
-FORMAT_VERSION = (1, 1)
-#: The major version this tracevisor reads (any minor of it).
-READS_MAJOR = 1
+#: Format version written by this tracevisor: (major, minor).  2.0 appends the register digest to every
+#: exit row (31 bytes instead of 27) and adds the ``mem`` event kind and the footer's ``final`` state.
+FORMAT_VERSION = (2, 0)
+#: The newest major version this tracevisor reads (any minor of it).
+READS_MAJOR = 2
+#: Every major version this tracevisor reads: 1.x traces (27-byte rows, no digests) stay readable.
+READS_MAJORS = (1, 2)
 
 #: Frame header: type (u8), flags (u8), reserved (u16, 0), payload length (u32), CRC32 of the payload (u32).
 FRAME_HEADER = struct.Struct("<BBHII")
@@ -61,11 +64,16 @@ MAX_PAYLOAD = 0xFFFF_FFFF
 # Exit rows
 # --------------------------------------------------------------------------------------------------
 
-#: One exit = one 27-byte little-endian row, no padding.
-EXIT_ROW = struct.Struct("<QQIHHBBB")
-EXIT_ROW_SIZE = EXIT_ROW.size  # 27
+#: One exit = one 31-byte little-endian row, no padding (format 2.x).  The last field, ``digest``, is the
+#: register digest: zlib's CRC-32 of the 144-byte ``struct kvm_regs`` (rax … r15, rip, rflags) that
+#: KVM_CAP_SYNC_REGS put in the ``kvm_run`` page at this exit, before tracevisor handled the exit.
+EXIT_ROW = struct.Struct("<QQIHHBBBI")
+EXIT_ROW_SIZE = EXIT_ROW.size  # 31
+#: The exit row of format 1.x traces: the same fields without ``digest``.
+EXIT_ROW_V1 = struct.Struct("<QQIHHBBB")
+EXIT_ROW_SIZE_V1 = EXIT_ROW_V1.size  # 27
 #: Field names of an exit row, in row order.
-EXIT_FIELDS = ("t_ns", "rip", "value", "port", "vcpu", "reason", "dir", "size")
+EXIT_FIELDS = ("t_ns", "rip", "value", "port", "vcpu", "reason", "dir", "size", "digest")
 #: ``numpy.dtype(EXIT_DTYPE_FIELDS)`` describes one row; use it with ``numpy.frombuffer(chunk.exits, ...)``.
 EXIT_DTYPE_FIELDS = [
     ("t_ns", "<u8"),
@@ -76,7 +84,10 @@ EXIT_DTYPE_FIELDS = [
     ("reason", "u1"),
     ("dir", "u1"),
     ("size", "u1"),
+    ("digest", "<u4"),
 ]
+#: The numpy description of a format 1.x row (no digest).
+EXIT_DTYPE_FIELDS_V1 = EXIT_DTYPE_FIELDS[:-1]
 #: Byte offset and width of each field inside a row (for strided, numpy-free column extraction).
 EXIT_FIELD_LAYOUT = {
     "t_ns": (0, 8),
@@ -87,7 +98,26 @@ EXIT_FIELD_LAYOUT = {
     "reason": (24, 1),
     "dir": (25, 1),
     "size": (26, 1),
+    "digest": (27, 4),
 }
+
+#: Byte offset of the general registers (``struct kvm_regs``, 18 u64: rax rbx rcx rdx rsi rdi rsp rbp
+#: r8 … r15 rip rflags) inside the ``kvm_run`` page with KVM_CAP_SYNC_REGS (x86-64), and their size.
+SYNC_REGS_OFFSET = 304
+SYNC_REGS_SIZE = 144
+#: Names of the 18 u64 in that block, in order (what a register digest covers).
+DIGEST_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12",
+               "r13", "r14", "r15", "rip", "rflags")
+
+
+def exit_row_size(major: int) -> int:
+    """Bytes per exit row in a trace of format ``major``.x."""
+    return EXIT_ROW_SIZE_V1 if major < 2 else EXIT_ROW_SIZE
+
+
+def exit_row_struct(major: int) -> struct.Struct:
+    """The exit row layout of format ``major``.x."""
+    return EXIT_ROW_V1 if major < 2 else EXIT_ROW
 
 #: ``dir`` values (KVM_EXIT_IO_IN / KVM_EXIT_IO_OUT).
 DIR_IN = 0
@@ -264,6 +294,23 @@ KINDS: dict[str, Kind] = {
             ),
         ),
         Kind(
+            "mem",
+            "A hash of all guest memory (format 2.0), taken after the exit row it follows was handled: at "
+            "boot (before the first instruction), after every hypercall, every `mem_every` exits of a vCPU "
+            "(header `memhash`); single-vCPU runs only (the hash at the stop is the footer's `final`). Replay "
+            "computes the same hash at the same point and compares.",
+            required=(
+                Field("hash", "int", "u64 memory hash: the sum mod 2^64 of splitmix64((page << 32) | crc32(page)) "
+                                     "over all 4 KiB guest pages"),
+                Field("at", "str", "`boot`, `hypercall` or `every`"),
+            ),
+            optional=(
+                Field("pages", "bin", "the pages whose CRC-32 changed since the previous `mem` event of the run, as "
+                                      "little-endian u32 pairs (page number, crc32 of the page); absent at `boot` (the "
+                                      "boot image follows from the kernel and the header)"),
+            ),
+        ),
+        Kind(
             "virtio",
             "What the virtio-net device did (format 1.1; docs/network.md). `op` says what: `chain` — one "
             "descriptor chain the device took from a queue and returned to the used ring; `status`, `reset`, "
@@ -339,6 +386,10 @@ HEADER_FIELDS: tuple[Field, ...] = (
                          "(caps: the KVM capabilities the run used, e.g. sync_regs, irqchip, immediate_exit)"),
     Field("determinism", "map", "`{notes: str or list of str, ...}`: what may differ when the run is replayed"),
     Field("options", "map", "free-form recorder options"),
+    Field("digests", "bool", "true when the exit rows carry register digests (format 2.x recorder); replay "
+                             "compares them only then"),
+    Field("memhash", "map", "`{every: int, hypercalls: bool}`: a `mem` event every `every` exits of the vCPU (0: "
+                            "none) and after every hypercall; absent when the trace has no `mem` events"),
 )
 
 FOOTER_FIELDS: tuple[Field, ...] = (
@@ -350,12 +401,15 @@ FOOTER_FIELDS: tuple[Field, ...] = (
     Field("wall_ns", "int", "wall time from opening to closing the writer, ns"),
     Field("bytes", "int", "file size before the footer frame (= the footer frame's offset)"),
     Field("dropped", "int", "events not stored because the size limit was reached (0 normally)"),
+    Field("final", "map|nil", "the guest state at the stop (format 2.0): `{mem: int}`, the memory hash (as in a "
+                              "`mem` event) with every vCPU stopped; nil when unknown"),
 )
 
 CHUNK_FIELDS: tuple[Field, ...] = (
     Field("seq0", "int", "seq of the first event of the chunk"),
     Field("n", "int", "number of events in the chunk: seqs `seq0 .. seq0+n-1`"),
-    Field("exits", "bin", "exit rows, 27 bytes each; their seqs are the chunk's seqs not used by `events`, ascending"),
+    Field("exits", "bin", "exit rows, 31 bytes each (27 in format 1.x); their seqs are the chunk's seqs not used by "
+                          "`events`, ascending"),
     Field("events", "list", "rich events (maps), ascending `seq`"),
 )
 
@@ -417,9 +471,11 @@ def validate_event(ev: Mapping[str, Any]) -> None:
             raise ValueError(f"{kind} event field {key!r} should be {f.type}, got {value!r:.80}")
 
 
-def validate_exit(vcpu: int, t_ns: int, reason: int, rip: int, port: int, direction: int, size: int, value: int) -> None:
+def validate_exit(vcpu: int, t_ns: int, reason: int, rip: int, port: int, direction: int, size: int, value: int,
+                  digest: int = 0) -> None:
     """Raise ``ValueError`` when an exit's fields do not fit its row."""
     for name, v, bits in (
+        ("digest", digest, 32),
         ("vcpu", vcpu, 16),
         ("t_ns", t_ns, 64),
         ("reason", reason, 8),
@@ -491,7 +547,8 @@ def markdown_tables() -> str:
     out += _table(HEADER_FIELDS)
     out += ["", "### Chunk payload", ""]
     out += _table(CHUNK_FIELDS)
-    out += ["", "### Exit row (27 bytes, little-endian, `<QQIHHBBB`)", "", "| offset | field | type |", "|---|---|---|"]
+    out += ["", f"### Exit row ({EXIT_ROW_SIZE} bytes, little-endian, `{EXIT_ROW.format}`; format 1.x: the first "
+            f"{EXIT_ROW_SIZE_V1})", "", "| offset | field | type |", "|---|---|---|"]
     for name, _np_type in EXIT_DTYPE_FIELDS:
         off, width = EXIT_FIELD_LAYOUT[name]
         out.append(f"| {off} | `{name}` | u{width * 8} |")

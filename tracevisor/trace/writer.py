@@ -2,7 +2,7 @@
 
 Design, because the writer sits on the run loop's hot path:
 
-* :meth:`TraceWriter.exit` packs one fixed 27-byte row into a preallocated ``bytearray`` with a bound
+* :meth:`TraceWriter.exit` packs one fixed 31-byte row into a preallocated ``bytearray`` with a bound
   ``struct.Struct.pack_into`` and bumps two integers: no allocation, no encoding, no I/O.
 * Rich events (:meth:`TraceWriter.event`) are kept as Python dicts; they are rare compared to exits.
 * When a chunk is full, the caller's thread only copies the row buffer and hands (rows, events) to a
@@ -251,6 +251,9 @@ class TraceWriter:
         self._last_stop: dict | None = None
         self._closed = False
         self._summary: dict | None = None
+        #: The guest state at the stop for the footer (``{"mem": hash, "regs": [digest, ...]}``); the recorder
+        #: sets it before :meth:`close`.
+        self.final: dict | None = None
 
         # --- background writer state ------------------------------------------------------------------
         self._full = False
@@ -289,10 +292,11 @@ class TraceWriter:
     # ------------------------------------------------------------------------------------------------
 
     def exit(self, vcpu: int, t_ns: int, reason: int, rip: int, port: int = 0, direction: int = 0,
-             size: int = 0, value: int = 0) -> int:
-        """Record one VM exit; returns its seq.  ``t_ns`` is ns since :attr:`t0_ns` (see :meth:`now`)."""
+             size: int = 0, value: int = 0, digest: int = 0) -> int:
+        """Record one VM exit; returns its seq.  ``t_ns`` is ns since :attr:`t0_ns` (see :meth:`now`);
+        ``digest`` is the register digest (schema.EXIT_ROW)."""
         off = self._off
-        self._pack_into(self._buf, off, t_ns, rip, value, port, vcpu, reason, direction, size)
+        self._pack_into(self._buf, off, t_ns, rip, value, port, vcpu, reason, direction, size, digest)
         seq = self._seq
         self._seq = seq + 1
         off += _ROW
@@ -372,11 +376,11 @@ class TraceWriter:
 
     # variants chosen at init -------------------------------------------------------------------------
 
-    def _exit_locked(self, vcpu, t_ns, reason, rip, port=0, direction=0, size=0, value=0):
+    def _exit_locked(self, vcpu, t_ns, reason, rip, port=0, direction=0, size=0, value=0, digest=0):
         self._acquire()  # (acquire/release: cheaper than a with-statement on this path)
         try:
             off = self._off
-            self._pack_into(self._buf, off, t_ns, rip, value, port, vcpu, reason, direction, size)
+            self._pack_into(self._buf, off, t_ns, rip, value, port, vcpu, reason, direction, size, digest)
             seq = self._seq
             self._seq = seq + 1
             off += _ROW
@@ -394,11 +398,11 @@ class TraceWriter:
         finally:
             self._release()
 
-    def _exit_validated(self, vcpu, t_ns, reason, rip, port=0, direction=0, size=0, value=0):
-        schema.validate_exit(vcpu, t_ns, reason, rip, port, direction, size, value)
+    def _exit_validated(self, vcpu, t_ns, reason, rip, port=0, direction=0, size=0, value=0, digest=0):
+        schema.validate_exit(vcpu, t_ns, reason, rip, port, direction, size, value, digest)
         if self._lock is not None:
-            return self._exit_locked(vcpu, t_ns, reason, rip, port, direction, size, value)
-        return TraceWriter.exit(self, vcpu, t_ns, reason, rip, port, direction, size, value)
+            return self._exit_locked(vcpu, t_ns, reason, rip, port, direction, size, value, digest)
+        return TraceWriter.exit(self, vcpu, t_ns, reason, rip, port, direction, size, value, digest)
 
     def _event_validated(self, kind, vcpu, t_ns, **fields):
         ev = {"k": kind, "seq": 0, "cpu": vcpu, "t": t_ns}
@@ -660,6 +664,7 @@ class TraceWriter:
             "wall_ns": time.monotonic_ns() - self.t0_ns,
             "bytes": self._file_off,
             "dropped": self._dropped_caller + self._w_dropped,
+            "final": self.final,
         }
         payload = msgpack.packb(footer, use_bin_type=True)
         offset = self._file_off
