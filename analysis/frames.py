@@ -19,7 +19,7 @@ import pandas as pd
 
 from tracevisor.netparse import parse_frame
 from tracevisor.trace import open_trace
-from tracevisor.trace.schema import EXIT_DTYPE_FIELDS, EXIT_REASONS, EXIT_ROW_SIZE
+from tracevisor.trace.schema import EXIT_DTYPE_FIELDS, EXIT_DTYPE_FIELDS_V1, EXIT_REASONS, EXIT_ROW_SIZE_V1
 
 from .columns import (
     FRAME_NAMES,
@@ -29,6 +29,7 @@ from .columns import (
 )
 
 _EXIT_DTYPE = np.dtype(EXIT_DTYPE_FIELDS)
+_EXIT_DTYPE_V1 = np.dtype(EXIT_DTYPE_FIELDS_V1)
 _NO_CALL_HOSTIO = frozenset({"boot_time", "cpu_freq", "net_rx"})  # host requests outside any hypercall
 
 
@@ -240,7 +241,7 @@ def _vcpu_ends(rich: list[dict], vcpu: np.ndarray) -> dict[int, int]:
 _FIELDS = [name for name, _ in EXIT_DTYPE_FIELDS]
 #: dtype of each exit column in the frame (t_ns as int64 so it subtracts and converts to timedelta).
 _COLUMN_DTYPES = {"t_ns": np.int64, "rip": np.uint64, "value": np.uint32, "port": np.uint16, "vcpu": np.uint16,
-                  "reason": np.uint8, "dir": np.uint8, "size": np.uint8}
+                  "reason": np.uint8, "dir": np.uint8, "size": np.uint8, "digest": np.uint32, "has_digest": np.bool_}
 
 
 _T_MAX = (1 << 63) - 1
@@ -268,7 +269,7 @@ def _read_exit_columns(reader) -> tuple[dict[str, np.ndarray], list[dict], list[
     (sized by the footer's exit count when it is plausible), so no per-exit Python work and no second copy of
     the whole row data is made."""
     cap = reader.footer.get("exits") if reader.footer else None
-    if not (type(cap) is int and 0 <= cap <= reader.size // EXIT_ROW_SIZE):
+    if not (type(cap) is int and 0 <= cap <= reader.size // EXIT_ROW_SIZE_V1):
         cap = None
     cols = {f: np.empty(cap or 0, dtype=dt) for f, dt in _COLUMN_DTYPES.items()}
     cols["seq"] = np.empty(cap or 0, dtype=np.int64)
@@ -289,8 +290,10 @@ def _read_exit_columns(reader) -> tuple[dict[str, np.ndarray], list[dict], list[
                     rich.append(ev)
         if not chunk.exits:
             continue
-        rows = np.frombuffer(chunk.exits, dtype=_EXIT_DTYPE)
+        digests = chunk.has_digests
+        rows = np.frombuffer(chunk.exits, dtype=_EXIT_DTYPE if digests else _EXIT_DTYPE_V1)
         m = len(rows)
+        fields = _FIELDS if digests else _FIELDS[:-1]
         if evs:
             keep = np.ones(n, dtype=bool)
             keep[np.fromiter((ev["seq"] for ev in evs), dtype=np.int64, count=len(evs)) - seq0] = False
@@ -302,12 +305,18 @@ def _read_exit_columns(reader) -> tuple[dict[str, np.ndarray], list[dict], list[
             pieces = {f: [a[:pos]] for f, a in cols.items()}
         if pieces is None:
             end = pos + m
-            for f in _FIELDS:
+            for f in fields:
                 cols[f][pos:end] = rows[f]
+            if not digests:
+                cols["digest"][pos:end] = 0
+            cols["has_digest"][pos:end] = digests
             cols["seq"][pos:end] = seqs
         else:
-            for f in _FIELDS:
+            for f in fields:
                 pieces[f].append(rows[f].astype(_COLUMN_DTYPES[f]))
+            if not digests:
+                pieces["digest"].append(np.zeros(m, dtype=np.uint32))
+            pieces["has_digest"].append(np.full(m, digests, dtype=np.bool_))
             pieces["seq"].append(seqs.astype(np.int64, copy=False))
         pos += m
     if pieces is not None:
@@ -330,6 +339,7 @@ def _exits_frame(cols: dict[str, np.ndarray], ends: dict[int, int]) -> pd.DataFr
         "size": cols["size"],
         "value": cols["value"],
         "rip": cols["rip"],
+        "digest": pd.arrays.IntegerArray(cols["digest"], ~cols["has_digest"]),
         "duration_ns": _durations(t, vcpu, ends),
     }, copy=False)
 

@@ -297,10 +297,10 @@ def test_missing_file(tmp_path):
 
 def test_future_major_version(tmp_path):
     p = tmp_path / "future.tvt"
-    p.write_bytes(MAGIC + _header((2, 3)) + b"whatever a 2.x trace holds")
+    p.write_bytes(MAGIC + _header((3, 1)) + b"whatever a 3.x trace holds")
     with pytest.raises(TraceError) as e:
         open_trace(p)
-    assert str(e.value) == ("trace format version 2.3 is newer than this tracevisor (reads 1.x); "
+    assert str(e.value) == ("trace format version 3.1 is newer than this tracevisor (reads 1.x and 2.x); "
                             "upgrade tracevisor")
 
 

@@ -50,13 +50,13 @@ def test_header_footer_and_reasons_are_documented():
 def test_layout_constants_agree():
     assert schema.MAGIC == b"\x89TVT\r\n\x1a\n"
     assert schema.FRAME_HEADER_SIZE == 12 and schema.TRAILER_SIZE == 16
-    assert schema.EXIT_ROW_SIZE == 27
+    assert schema.EXIT_ROW_SIZE == 31 and schema.EXIT_ROW_SIZE_V1 == 27
     assert [n for n, _ in schema.EXIT_DTYPE_FIELDS] == list(schema.EXIT_FIELDS) == list(schema.EXIT_FIELD_LAYOUT)
     off = 0
     for name, dt in schema.EXIT_DTYPE_FIELDS:
         assert schema.EXIT_FIELD_LAYOUT[name] == (off, int(dt[-1]))
         off += int(dt[-1])
-    assert off == 27
+    assert off == 31
     assert set(schema.HYPERCALL_ARGS) == set(schema.HYPERCALL_PORTS)
     assert schema.reason_name(2) == "IO" and schema.reason_name(200) == "REASON_200"
     for kind in ("virtio", "net"):  # defined in format 1.1 (the network device)
@@ -68,8 +68,10 @@ def test_numpy_dtype_matches_the_row():
 
     dt = np.dtype(schema.EXIT_DTYPE_FIELDS)
     assert dt.itemsize == schema.EXIT_ROW_SIZE
-    row = schema.EXIT_ROW.pack(1, 2, 3, 4, 5, 6, 7, 8)
-    assert np.frombuffer(row, dtype=dt).tolist() == [(1, 2, 3, 4, 5, 6, 7, 8)]
+    row = schema.EXIT_ROW.pack(1, 2, 3, 4, 5, 6, 7, 8, 9)
+    assert np.frombuffer(row, dtype=dt).tolist() == [(1, 2, 3, 4, 5, 6, 7, 8, 9)]
+    v1 = np.dtype(schema.EXIT_DTYPE_FIELDS_V1)
+    assert v1.itemsize == schema.EXIT_ROW_SIZE_V1 == schema.EXIT_ROW_V1.size
 
 
 def test_hypercall_args_keys_are_what_the_sample_traces_carry():

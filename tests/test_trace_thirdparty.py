@@ -12,7 +12,7 @@ import pytest
 
 MAGIC = b"\x89TVT\r\n\x1a\n"
 FRAME = struct.Struct("<BBHII")  # type, flags, reserved, length, crc32
-ROW = struct.Struct("<QQIHHBBB")  # t_ns, rip, value, port, vcpu, reason, dir, size
+ROW = struct.Struct("<QQIHHBBBI")  # t_ns, rip, value, port, vcpu, reason, dir, size, digest (format 2.x)
 TRAILER = struct.Struct("<Q8s")
 
 
@@ -27,7 +27,7 @@ class ThirdPartyReader:
         payload = data[20 : 20 + length]
         assert zlib.crc32(payload) == crc
         self.header = msgpack.unpackb(payload, raw=False)
-        assert self.header["format"][0] == 1
+        assert self.header["format"][0] == 2
         self.data_start = 20 + length
         self.footer = self._footer()
 
@@ -70,14 +70,14 @@ class ThirdPartyReader:
             ftype, payload, _ = self._payload(off)
             chunk = msgpack.unpackb(payload, raw=False, strict_map_key=False)
             seq0, n, rows, rich = chunk["seq0"], chunk["n"], chunk["exits"], chunk["events"]
-            assert isinstance(rows, bytes) and len(rows) == 27 * (n - len(rich))
+            assert isinstance(rows, bytes) and len(rows) == 31 * (n - len(rich))
             used = {ev["seq"] for ev in rich}
             exit_seqs = [s for s in range(seq0, seq0 + n) if s not in used]  # ascending
             merged = {}
             for s, row in zip(exit_seqs, ROW.iter_unpack(rows)):
-                t, rip, value, port, cpu, reason, d, size = row
+                t, rip, value, port, cpu, reason, d, size, digest = row
                 merged[s] = {"k": "exit", "seq": s, "cpu": cpu, "t": t, "reason": reason, "rip": rip,
-                             "port": port, "dir": d, "size": size, "value": value}
+                             "port": port, "dir": d, "size": size, "value": value, "digest": digest}
             for ev in rich:
                 merged[ev["seq"]] = ev
             for s in range(seq0, seq0 + n):
