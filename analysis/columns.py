@@ -53,7 +53,7 @@ FRAMES: dict[str, tuple[Column, ...]] = {
         _C("size", "uint8", "port I/O access width in bytes (1, 2, 4); else 0"),
         _C("value", "uint32", "port I/O data (OUT: written by the guest; IN: returned to it); else 0"),
         _C("rip", "uint64", "guest instruction pointer at the exit"),
-        _C("digest", "UInt32", "register digest: CRC-32 of rax … r15, rip, rflags at the exit (format 2.x); NA in "
+        _C("digest", "Int64", "register digest: CRC-32 of rax … r15, rip, rflags at the exit (format 2.x); NA in "
                                "format 1.x traces"),
         _C("duration_ns", "int64", "ns until the next exit on the same vCPU; for a vCPU's last exit, until the "
                                    "last event of that vCPU (its stop); never negative"),

@@ -339,7 +339,7 @@ def _exits_frame(cols: dict[str, np.ndarray], ends: dict[int, int]) -> pd.DataFr
         "size": cols["size"],
         "value": cols["value"],
         "rip": cols["rip"],
-        "digest": pd.arrays.IntegerArray(cols["digest"], ~cols["has_digest"]),
+        "digest": pd.arrays.IntegerArray(cols["digest"].astype(np.int64), ~cols["has_digest"]),
         "duration_ns": _durations(t, vcpu, ends),
     }, copy=False)
 

@@ -21,7 +21,7 @@ from tracevisor.trace import TraceWriter, open_trace
 
 REPO = Path(__file__).resolve().parents[1]
 TRACES = REPO / "traces"
-SAMPLES = ["hello", "hello-zstd", "files", "compute", "compute-100", "args", "exitcode", "smp", "netecho"]
+SAMPLES = ["hello", "hello-format1", "hello-zstd", "files", "compute", "compute-100", "args", "exitcode", "smp", "netecho"]
 
 
 def sample(name: str) -> Path:
@@ -48,7 +48,7 @@ def test_every_sample_is_listed_and_small():
 @pytest.mark.parametrize("name", SAMPLES)
 def test_samples_still_read_with_the_current_reader(name):
     with open_trace(sample(name)) as r:
-        assert r.header["format"][0] == 1
+        assert r.header["format"][0] in (1, 2)
         assert r.complete and r.footer is not None
         events = list(r.events())
         assert r.warnings == []
@@ -86,7 +86,7 @@ def test_frames_have_the_documented_columns_and_dtypes(loaded, name):
         assert list(df.columns) == columns(frame), (name, frame)
         for col in FRAMES[frame]:
             assert _dtype_ok(df[col.name], col.dtype), (name, frame, col.name, df[col.name].dtype, col.dtype)
-    assert tr.meta["format"][0] == 1 and tr.meta is tr.header
+    assert tr.meta["format"][0] in (1, 2) and tr.meta is tr.header
     # nanosecond timestamps convert to timedeltas
     td = pd.to_timedelta(tr.exits["t_ns"], unit="ns")
     assert td.dtype.kind == "m" and (td >= pd.Timedelta(0)).all()
@@ -487,7 +487,7 @@ def test_diff_of_a_trace_with_itself_and_of_two_runs_of_the_same_kernel():
 def test_diff_of_two_runs_with_different_args():
     d = analysis.diff(sample("compute"), sample("compute-100"))
     assert not d.identical
-    assert d.first["vcpu"] == 0 and d.first["seq_a"] == d.first["seq_b"] == 4
+    assert d.first["vcpu"] == 0 and d.first["seq_a"] == d.first["seq_b"] == 5  # after the boot mem hash
     assert d.first["kind_a"] == d.first["kind_b"] == "hostio"
     differing = d.fields[d.fields["differs"]]
     assert differing["field"].tolist() == ["ret"]
@@ -503,10 +503,10 @@ def test_diff_of_two_runs_with_different_args():
     r = run_cli("diff", str(sample("compute")), str(sample("compute-100")))
     assert r.returncode == 1
     text = r.stdout.decode()
-    assert "first difference at vCPU 0 event #4" in text and "seq 4 (hostio)" in text
+    assert "first difference at vCPU 0 event #4" in text and "seq 5 (hostio)" in text
     assert "* ret" in text and "IO" in text and "-914" in text
     doc = json.loads(run_cli("diff", "--json", str(sample("compute")), str(sample("compute-100"))).stdout)
-    assert doc["identical"] is False and doc["first"]["seq_a"] == 4
+    assert doc["identical"] is False and doc["first"]["seq_a"] == 5
     # different kernels: the first exit already differs
     d = analysis.diff(sample("files"), sample("hello"))
     assert d.first["kind_a"] == "exit" and "kernel.sha256" in d.header["field"].tolist()
@@ -515,13 +515,13 @@ def test_diff_of_two_runs_with_different_args():
 def test_diff_ignore_applies_to_exit_fields_too():
     # files and hello are different kernels: their first exits differ in RIP (and the port block address)
     d = analysis.diff(sample("files"), sample("hello"))
-    assert (d.first["seq_a"], d.first["kind_a"]) == (3, "exit")  # CMDSIZE's OUT, from another RIP
+    assert (d.first["seq_a"], d.first["kind_a"]) == (4, "exit")  # CMDSIZE's OUT, from another RIP
     assert list(d.fields[d.fields.differs].field) == ["rip", "value"]
     d = analysis.diff(sample("files"), sample("hello"), ignore=("rip", "value"))
-    assert (d.first["seq_a"], d.first["kind_a"]) == (4, "hostio")  # then the command lines differ
+    assert (d.first["seq_a"], d.first["kind_a"]) == (5, "hostio")  # then the command lines differ
     assert list(d.fields[d.fields.differs].field) == ["ret"]
     r = run_cli("diff", "--ignore", "rip", "--ignore", "value", str(sample("files")), str(sample("hello")))
-    assert r.returncode == 1 and b"seq 4 (hostio)" in r.stdout
+    assert r.returncode == 1 and b"seq 5 (hostio)" in r.stdout
 
 
 def _with_cpu_freq(src: Path, dst: Path, khz: int) -> Path:
