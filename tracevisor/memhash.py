@@ -109,7 +109,8 @@ class MemoryHasher:
         """The memory hash now, and the (page, crc) pairs that changed since the last update."""
         dirty = self.tracker.take(self.consumer)
         self.hashes += 1
-        return self.total, self._rehash(sorted(dirty))
+        changed = self._rehash(sorted(dirty))
+        return self.total, changed
 
     def resync(self, pages: Iterable[int]) -> None:
         """Pages rewritten behind the dirty log's back (a checkpoint restore): rehash them now."""
