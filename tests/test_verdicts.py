@@ -149,7 +149,7 @@ def test_edited_read_answer_is_caught_at_the_next_memory_hash(tmp_path, guests):
     for target in (reads[0], reads[-1]):
         done = []
 
-        def change(kind, ev, target=target):
+        def change(kind, ev, target=target, done=done):
             if kind == "hostio" and ev["op"] == "read" and ev.get("data") and not done and \
                     ev["args"] == target["args"] and ev["data"] == target["data"]:
                 ev["data"] = bytes([ev["data"][0] ^ 1]) + ev["data"][1:]
