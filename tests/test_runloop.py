@@ -21,10 +21,11 @@ from tracevisor.status import ExitStatus, StopReason
 
 class ListSink:
     def __init__(self):
-        self.exits, self.events = [], []
+        self.exits, self.events, self.digests = [], [], []
 
-    def exit(self, cpu, t, reason, rip, port=0, direction=0, size=0, value=0):
+    def exit(self, cpu, t, reason, rip, port=0, direction=0, size=0, value=0, digest=0):
         self.exits.append((cpu, reason, rip, port, direction, size, value))
+        self.digests.append(digest)
 
     def event(self, kind, cpu, t, **fields):
         self.events.append((kind, cpu, fields))
