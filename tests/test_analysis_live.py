@@ -75,7 +75,7 @@ def test_diff_of_two_recordings(tmp_path, guests):
     assert same.returncode == 0 and b"no difference" in same.stdout, same.stdout + same.stderr
     other = run_cli("diff", str(a), str(c))
     assert other.returncode == 1
-    assert b"first difference at vCPU 0 event #4: a.tvt seq 4 (hostio), c.tvt seq 4 (hostio)" in other.stdout
+    assert b"first difference at vCPU 0 event #4: a.tvt seq 5 (hostio), c.tvt seq 5 (hostio)" in other.stdout
     d = analysis.diff(a, c)
     assert not d.identical and d.first["kind_a"] == "hostio"
     changed = d.fields[d.fields.differs]

@@ -62,7 +62,7 @@ def test_replay_and_compare_notebook_executes(tmp_path):
     nb = _execute("02-replay-and-compare.ipynb", tmp_path)
     text = _outputs(nb)
     assert "no difference" in text
-    assert "first difference at vCPU 0 event #4: compute.tvt seq 4 (hostio)" in text
+    assert "first difference at vCPU 0 event #4: compute.tvt seq 5 (hostio)" in text
     assert "exit status 0 events matched:" in text  # the fresh replay under KVM ran and verified
     assert "compute: N=300 checksum=" in text  # and its console reached the notebook
-    assert "first difference at vCPU 0 event #4: c300.tvt seq 4 (hostio)" in text
+    assert "first difference at vCPU 0 event #4: c300.tvt seq 5 (hostio)" in text

@@ -14,7 +14,7 @@ from tracevisor.trace import TraceWriter, open_trace
 u = lambda bits: st.integers(min_value=0, max_value=(1 << bits) - 1)  # noqa: E731
 
 exits = st.tuples(u(16), u(64), st.sampled_from([0, 2, 4, 5, 6, 8, 9, 10, 17, 24, 255]), u(64), u(16),
-                  st.sampled_from([0, 1]), st.sampled_from([0, 1, 2, 4]), u(32)).map(lambda t: ("exit", t))
+                  st.sampled_from([0, 1]), st.sampled_from([0, 1, 2, 4]), u(32), u(32)).map(lambda t: ("exit", t))
 small = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
 rich = st.one_of(
     st.builds(lambda cpu, t, stream, data: ("console", cpu, t, {"stream": stream, "data": data}),
@@ -44,10 +44,10 @@ def _write(path, stream, compress, chunk_events, chunk_bytes):
                      chunk_bytes=chunk_bytes, validate=True) as w:
         for item in stream:
             if item[0] == "exit":
-                vcpu, t, reason, rip, port, d, size, value = item[1]
-                seq = w.exit(vcpu, t, reason, rip, port, d, size, value)
+                vcpu, t, reason, rip, port, d, size, value, digest = item[1]
+                seq = w.exit(vcpu, t, reason, rip, port, d, size, value, digest)
                 expected.append({"k": "exit", "seq": seq, "cpu": vcpu, "t": t, "reason": reason, "rip": rip,
-                                 "port": port, "dir": d, "size": size, "value": value})
+                                 "port": port, "dir": d, "size": size, "value": value, "digest": digest})
             else:
                 kind, cpu, t, fields = item
                 seq = w.event(kind, cpu, t, **fields)
@@ -66,7 +66,7 @@ def _norm(v):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream=streams, compress=st.sampled_from([None, "zstd"]), chunk_events=st.integers(1, 64),
-       chunk_bytes=st.integers(27, 3000))
+       chunk_bytes=st.integers(31, 3000))
 def test_random_streams_round_trip(stream, compress, chunk_events, chunk_bytes):
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "t.tvt")

@@ -477,7 +477,7 @@ def _junk_chunk(ch) -> bytes:
     seq0 = ch.choice([0, 1, 300, 2**63, -1, None])
     rows = ch.int(0, 6)
     obj = {"seq0": seq0, "n": n,
-           "exits": ch.choice([ch.bytes(0, 27 * rows + 2), bytes(27 * rows), "exits", None]),
+           "exits": ch.choice([ch.bytes(0, 31 * rows + 2), bytes(31 * rows), "exits", None]),
            "events": [{"k": ch.choice(["console", "exit", "stop", 5, ""]),
                        "seq": ch.choice([0, 1, 2, 3, -1, 2**64 - 1, "1"]),
                        "cpu": ch.choice([0, 1, -1, None, "0", (1 << 64) - 1]),
