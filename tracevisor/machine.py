@@ -242,7 +242,7 @@ class Machine:
         if site is None or site.how != "debugreg" or pc != e.rip:
             return False
         if self.sink is not None:  # the breakpoint stands for the exit a patch would have made
-            self.sink.exit(v.cpu, self.clock.now(), U.KVM_EXIT_DEBUG, e.rip, 0, 0, 0, 0)
+            self.sink.exit(v.cpu, self.clock.now(), U.KVM_EXIT_DEBUG, e.rip, 0, 0, 0, 0, e.digest)
         self.nd_apply(v, site, list(ndinsn.REGS.unpack_from(v.vcpu.run_mmap, ndinsn.SYNC_REGS_OFFSET)))
         return True
 

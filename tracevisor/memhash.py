@@ -157,10 +157,10 @@ def attach(machine, every: int = DEFAULT_EVERY, hypercalls: bool = True, keep_co
 
     def check(v, at: str) -> None:
         if at == "boot":  # the boot image follows from the kernel and the header: its pages need no listing
-            machine.trace.event("mem", v.cpu, machine.now(), hash=hasher.start()[0], at=at)
+            machine.sink.event("mem", v.cpu, machine.clock.now(), hash=hasher.start()[0], at=at)
             return
         h, pages = hasher.update()
-        machine.trace.event("mem", v.cpu, machine.now(), hash=h, at=at, pages=pack_pages(pages))
+        machine.sink.event("mem", v.cpu, machine.clock.now(), hash=h, at=at, pages=pack_pages(pages))
 
     machine.mem_check = check
     machine.mem_every = every
