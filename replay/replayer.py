@@ -377,6 +377,9 @@ class Replayer:
         self.checker = Checker(self.path, self.config.cpus, console=self.config.coalesce_console,
                                digests=self.digests, open_ended=self.open_ended)
         self.checker.on_verified = self.hostio.release
+        kinfo = self.header.get("kernel") if isinstance(self.header.get("kernel"), dict) else {}
+        self.other_image = self.image.sha256 != kinfo.get("sha256")  # --force with a different kernel
+        self.checker.compare_memory = not self.other_image
         if self.open_ended is not None:
             self.hostio.at_end = self.checker._reached_end
         self.checker.callbacks = self._callbacks
@@ -471,7 +474,9 @@ class Replayer:
         c = self.checker
         matched, exits = c.matched, c.exits  # before anything else reads the streams
         checks = {"register_digests": self.digests, "memory_hashes": c.mem_checked,
-                  "memory_every": self.mem_every}
+                  "memory_every": self.mem_every,
+                  "memory": "not compared: --force with a different kernel image" if self.other_image else
+                  "compared at every recorded memory hash"}
         base = dict(matched=matched, exits=exits, code=info.code, recorded_code=rec_code,
                     recorded_reason=rec_reason, stop=info, warnings=list(self.warnings), checks=checks)
         if info.reason == "paused":
@@ -560,6 +565,9 @@ class Replayer:
         runs only: other vCPUs are stopped wherever they happen to be, which a replay cannot reproduce."""
         fin = self.final if isinstance(self.final, dict) else {}
         want = fin.get("mem")
+        if self.other_image:
+            checks["final_memory"] = "not compared (--force with a different kernel image)"
+            return None
         if type(want) is not int or self.config.cpus != 1:
             checks["final_memory"] = "not compared" + (" (several vCPUs)" if self.config.cpus != 1 else "")
             return None
