@@ -25,7 +25,9 @@ from .streams import CpuStream, triple
 
 _EXIT_KIND = "exit"
 
-COMPARED_KINDS = {"exit", "hypercall", "vcpu", "mmio", "virtio", "net", "mem"}
+COMPARED_KINDS = {"exit", "hypercall", "vcpu", "mmio", "virtio", "net", "mem",
+                  # the instruction fallback (tracevisor/fallback.py): burst boundaries and what reached the guest
+                  "burst", "nm", "exception", "xgetbv", "xsave", "xrstor"}
 #: Recorded stops that end a recording at an arbitrary point of the guest's run (not the guest's doing)
 EXTERNAL_STOPS = ("timeout", "interrupted", "terminated", "trace-full")
 #: Fields of an event that are not the guest's doing: timing (``t`` and ``seq`` are common fields, never

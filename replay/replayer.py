@@ -29,7 +29,8 @@ from .checker import EXTERNAL_STOPS, Checker, exit_dict
 _STOP_WORDS = {"timeout": "the recording's --timeout", "interrupted": "Ctrl-C during the recording",
                "terminated": "SIGTERM during the recording", "trace-full": "the recording's --max-trace-size"}
 
-KINDS = ("exit", "hypercall", "vcpu", "mmio", "virtio", "net", "event")
+KINDS = ("exit", "hypercall", "vcpu", "mmio", "virtio", "net", "burst", "nm", "exception", "xgetbv", "xsave",
+         "xrstor", "event")
 
 
 class ReadOnlyMemory:
@@ -407,6 +408,21 @@ class Replayer:
             m.stop_conditions.append(
                 lambda: StopInfo.of(StopReason.REPLAY_TIMEOUT, f"replay --timeout of {self.timeout:g} s expired")
                 if time.monotonic() >= deadline else None)
+        self._check_fallback()
+
+    def _check_fallback(self) -> None:
+        """Bursts end where the recorded exit set and budget say: warn when this host's sweep or emulator
+        differs from the recording's (the replay then likely diverges at a burst)."""
+        rec = self.header.get("fallback")
+        if not isinstance(rec, dict) or not rec.get("exit_set") or self.config.fallback == "off":
+            return
+        from tracevisor.fallback import header_config
+
+        now = header_config(self.machine)
+        for key in ("exit_set", "unicorn"):
+            if now.get(key) != rec.get(key):
+                self.machine.log(f"the instruction fallback's {key} differs from the recording ({rec.get(key)} "
+                                 f"recorded, {now.get(key)} here): bursts may end elsewhere")
 
     def boot(self) -> None:
         """Prepare and boot the VM (once), taking the first checkpoint when time travel is on; the VM is

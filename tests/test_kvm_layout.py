@@ -19,6 +19,7 @@ SIZES = {
     "kvm_msr_entry": 16, "kvm_cpuid_entry2": 40, "kvm_userspace_memory_region": 32,
     "kvm_enable_cap": 104, "kvm_mp_state": 4, "kvm_guest_debug": 72, "kvm_pit_config": 64,
     "kvm_vcpu_events": 64, "kvm_debugregs": 128, "kvm_run_exit": 256, "kvm_sync_regs": 520,
+    "kvm_xsave": 4096, "kvm_xcr": 16, "kvm_xcrs": 392,
 }
 
 # (struct, field path) -> offset
@@ -88,7 +89,7 @@ C_PROGRAM = r"""
 int main(void) {
   S(kvm_regs) S(kvm_segment) S(kvm_dtable) S(kvm_sregs) S(kvm_fpu) S(kvm_msr_entry) S(kvm_cpuid_entry2)
   S(kvm_userspace_memory_region) S(kvm_enable_cap) S(kvm_mp_state) S(kvm_guest_debug) S(kvm_pit_config)
-  S(kvm_vcpu_events) S(kvm_debugregs) S(kvm_sync_regs) S(kvm_run)
+  S(kvm_vcpu_events) S(kvm_debugregs) S(kvm_sync_regs) S(kvm_run) S(kvm_xsave) S(kvm_xcr) S(kvm_xcrs)
   O(kvm_run, exit_reason, "kvm_run.exit_reason") O(kvm_run, if_flag, "kvm_run.if_flag")
   O(kvm_run, immediate_exit, "kvm_run.immediate_exit") O(kvm_run, io, "kvm_run.exit")
   O(kvm_run, kvm_valid_regs, "kvm_run.kvm_valid_regs") O(kvm_run, s, "kvm_run.s")
@@ -101,6 +102,8 @@ int main(void) {
          (unsigned long)KVM_GET_VCPU_EVENTS);
   printf("ioctl KVM_SET_GUEST_DEBUG %lu\nioctl KVM_GET_DEBUGREGS %lu\nioctl KVM_GET_TSC_KHZ %lu\n",
          (unsigned long)KVM_SET_GUEST_DEBUG, (unsigned long)KVM_GET_DEBUGREGS, (unsigned long)KVM_GET_TSC_KHZ);
+  printf("ioctl KVM_GET_XSAVE %lu\nioctl KVM_SET_XSAVE %lu\nioctl KVM_GET_XCRS %lu\n",
+         (unsigned long)KVM_GET_XSAVE, (unsigned long)KVM_SET_XSAVE, (unsigned long)KVM_GET_XCRS);
   return 0;
 }
 """
@@ -140,4 +143,4 @@ def test_against_linux_headers(tmp_path):
         else:
             assert getattr(U, name) == value, name
         seen += 1
-    assert seen == 16 + 13 + 7
+    assert seen == 19 + 13 + 10

@@ -19,6 +19,15 @@ PDPT_ADDR = 0x1_1000
 PD_ADDR = 0x1_2000
 UART_PORT = 0x800
 
+
+def serial_port_for(entry_version: int | None, verbose: bool) -> int:
+    """The boot info's serial port: uhyve 0.2.1 gives entry-version-2 (and plain) kernels the UART only with
+    -v; later uhyve always gives version-3/4 kernels one — Hermit 0.6.x–0.7 panics without it and then
+    spins with interrupts off."""
+    if entry_version is not None and entry_version >= 3:
+        return UART_PORT
+    return UART_PORT if verbose else 0
+
 # GDT: null, 64-bit ring-0 code (selector 0x08), ring-0 data (selector 0x10)
 GDT_ENTRIES = (0, 0x00AF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF)
 

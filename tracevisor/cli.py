@@ -76,6 +76,18 @@ def add_vm_options(p: argparse.ArgumentParser, record: bool = False) -> None:
                    help="let KVM queue the guest's UART output (port 0x800) in its coalesced-I/O ring instead of "
                         "exiting for each byte: ~6x cheaper per byte; the trace then has no exit row (RIP, time) "
                         "per byte, only the console bytes between two exits (docs/trace-format.md); one vCPU")
+    p.add_argument("--fallback", choices=("auto", "on", "off"), default="auto",
+                   help="instruction fallback for what this host's KVM cannot emulate (XGETBV, XSAVE/XRSTOR, "
+                        "SSE/x87 on nested or paravirtualised KVM): auto (default) starts it at the first "
+                        "such instruction, on also requires unicorn and capstone up front, off reports the "
+                        "instruction and stops (docs/fallback.md)")
+    p.add_argument("--spin-hang", type=float, default=5.0, metavar="SECONDS",
+                   help="report a hang (status 3, with its RIP) when a running vCPU keeps interrupts disabled "
+                        "for this long (default 5; 0 = never); guests that compute longer with interrupts off "
+                        "need a larger value")
+    p.add_argument("--fallback-budget", type=int, default=100_000, metavar="N",
+                   help="at most N instructions per fallback burst (default 100000); part of the trace, so a "
+                        "replay uses the recorded value")
     p.add_argument("--net", default=None, metavar="SPEC",
                    help="give the guest a virtio-net NIC (legacy, PCI 00:00.0, I/O BAR 0xC000; polled, no "
                         "interrupts) attached to tap:IFNAME (an existing Linux TAP device; tap:IFNAME,create makes a "
@@ -232,7 +244,10 @@ def session_config(ns: argparse.Namespace):
     return SessionConfig(kernel=ns.kernel, args=list(ns.args), memory=parse_size(ns.memory), cpus=ns.cpus,
                          mounts=list(ns.mount), env=list(ns.env), host_env=_passes_host_env(ns),
                          verbose=ns.verbose, pit=ns.pit, timeout=ns.timeout, net=getattr(ns, "net", None),
-                         quiet=getattr(ns, "quiet", False), coalesce_console=ns.coalesce_console)
+                         quiet=getattr(ns, "quiet", False), coalesce_console=ns.coalesce_console,
+                         fallback=getattr(ns, "fallback", "auto"),
+                         fallback_budget=getattr(ns, "fallback_budget", 100_000),
+                         spin_hang_s=getattr(ns, "spin_hang", 5.0))
 
 
 def _passes_host_env(ns: argparse.Namespace) -> bool:
@@ -280,7 +295,8 @@ def _hoist_record_options(argv: list[str]) -> list[str]:
     if not argv or argv[0] != "record":
         return argv
     takes_value = {"-m", "--memory", "-c", "--cpus", "--mount", "--env", "--timeout", "-o", "--output",
-                   "--compress", "--max-trace-size", "--net"}
+                   "--compress", "--max-trace-size", "--net", "--fallback", "--fallback-budget",
+                   "--spin-hang"}
     movable = {"-o", "--output", "--compress", "--max-trace-size"}
     i = 1
     while i < len(argv):

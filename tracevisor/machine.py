@@ -70,6 +70,9 @@ class VmConfig:
     nd_sites: dict | None = None  # replay: the recorded site table (header "exact") instead of a new sweep
     schedule: list | None = None  # replay of an exact multi-vCPU trace: the recorded `sched` events
     coalesce_console: bool = False  # UART OUTs go to KVM's coalesced-I/O ring instead of exiting one by one
+    fallback: str = "auto"  # instruction fallback (tracevisor/fallback.py): auto | on | off
+    fallback_budget: int = 100_000  # instructions per fallback burst at most
+    spin_hang_s: float = 5.0  # a running vCPU with IF=0 at every watchdog probe this long is a hang
 
     def validate(self) -> None:
         if not MIN_MEMORY <= self.memory <= MAX_MEMORY:
@@ -130,6 +133,9 @@ class Machine:
         self._setup_ports()
         self.devices: dict[str, Device] = {self.pci.name: self.pci}
         self.device_context = DeviceContext(self.memory, self.ports, self.pci, lambda msg: self.log(msg))
+        self.fallback = None  # tracevisor/fallback.Fallback, created at the first emulation failure
+        self.fallback_error: str | None = None
+        self.fallback_hint: str | None = None
         self.ndi = None  # ndinsn.Patcher in exact mode
         self.sched = None  # sched.Scheduler: exact mode with several vCPUs runs one at a time
         self.kick_signal = KICK_SIGNAL
@@ -275,7 +281,7 @@ class Machine:
         boot_time = self.hostio.boot_time_ns(0)
         freq = self.hostio.cpu_freq_khz(0)
         info = arch.BootInfo(
-            ram_size=cfg.memory, serial_port=arch.UART_PORT if cfg.verbose else 0,
+            ram_size=cfg.memory, serial_port=arch.serial_port_for(img.entry_version, cfg.verbose),
             image_start=img.load_address, image_end=img.image_end, tls=img.tls,
             num_cpus=cfg.cpus, cpu_freq_khz=freq, boot_time_ns=boot_time)
         mem.write(arch.BOOT_INFO_ADDR, info.encode(img.entry_version), "boot info")
@@ -325,6 +331,9 @@ class Machine:
         dispatcher.mem_at_hypercalls = self.mem_at_hypercalls
         if self.mem_check is not None:  # the memory every later hash starts from
             self.mem_check(self.vcpus[0], "boot")
+        dispatcher.fallback_state = self
+        if self.config.fallback != "off":
+            dispatcher.emulation_fallback = self._fallback_step
         # with a schedule, the scheduler decides when an AP first runs (uhyve's stagger, recorded)
         self.runner = VcpuRunner(dispatcher, self._stopping, self.stop, self.pause_requested,
                                  0.0 if self.sched is not None else self.config.stagger_s, sched=self.sched,
@@ -429,8 +438,22 @@ class Machine:
                 self.stop(_signal_stop(signal.SIGINT))
                 return
 
+    def _fallback_step(self, v: VcpuState) -> bool:
+        from . import fallback
+
+        return fallback.step(self, v)
+
     def _watchdog(self) -> None:
         live = [v for v in self.vcpus if v.running]
+        limit = self.config.spin_hang_s
+        for v in live:
+            if limit and v.spin_since is not None and time.monotonic() - v.spin_since >= limit:
+                v.stop_request = (StopReason.HANG, f"vCPU {v.cpu} has run with interrupts disabled for "
+                                  f"{time.monotonic() - v.spin_since:.0f} s (last seen at rip {v.spin_rip:#x}): "
+                                  "nothing can interrupt it; VM stopped (--spin-hang SECONDS sets this limit, "
+                                  "0 turns the check off)")
+                self._kick(v)
+                return
         if live and all(v.parked for v in live):
             # The report needs the vCPU's registers, which only its own thread can read while it is
             # inside KVM_RUN: ask it to stop with the report.

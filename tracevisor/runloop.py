@@ -106,6 +106,8 @@ class VcpuState:
         self.running = False
         self.pending_regs: list[int] | None = None  # registers handed to KVM through sync regs (exact mode)
         self.mem_countdown = 0  # exits until the next periodic memory hash (ExitDispatcher.mem_every)
+        self.spin_since: float | None = None  # monotonic time of the first probe that saw IF=0 (watchdog)
+        self.spin_rip = 0
 
 
 class Ports:
@@ -212,6 +214,10 @@ class ExitDispatcher:
         self.mem_check: Callable[[VcpuState, str], None] | None = None
         self.mem_every = 0
         self.mem_at_hypercalls = False
+        #: instruction fallback (set by the Machine): fn(v) → True when it made progress at an emulation
+        #: failure; fallback_state: the Machine, whose fallback error/hint the fault report names
+        self.emulation_fallback: Callable[[VcpuState], bool] | None = None
+        self.fallback_state = None
         ports.register(hypercalls.TABLE, out_handler=self.hypercall)
         ports.register((hypercalls.UART_PORT,), out_handler=self.uart)
         #: debug exits the VM itself uses (exact mode's debug-register sites): hook(v, exit) → True if served
@@ -357,13 +363,15 @@ class ExitDispatcher:
 
     def internal_error(self, v: VcpuState, e: Exit) -> None:
         sub = e.suberror
+        # -- instruction fallback hook (tracevisor/fallback.py): what KVM's emulator cannot execute --
+        if sub == 1 and self.emulation_fallback is not None and self.emulation_fallback(v):
+            return
         what = U.INTERNAL_ERROR_SUBERRORS.get(sub, "unknown")
         hints = []
         if sub == 1 and not self.reporter.rip_outside_ram(v):
-            hints.append("this host's KVM could not emulate the instruction at rip; nested or "
-                         "paravirtualised KVM hands x87/SSE instructions to its emulator, which lacks "
-                         "most of them: build guests with -mgeneral-regs-only, or run on a host with "
-                         "direct KVM")
+            from .fallback import fault_hints
+
+            hints.extend(fault_hints(self.fallback_state, v, self.reporter))
         elif sub == 1:
             hints.append("rip points outside guest RAM: the guest jumped to an address with no memory "
                          "(a bad function pointer or return address?)")
@@ -628,7 +636,15 @@ class VcpuRunner:
             state = v.vcpu.get_mp_state()
             if state == U.KVM_MP_STATE_HALTED:
                 v.parked = not (v.vcpu.get_regs().rflags & 0x200)
+                v.spin_since = None
             else:
                 v.parked = state == U.KVM_MP_STATE_INIT_RECEIVED
+                # running with interrupts off: note since when (the watchdog reports a long spin)
+                regs = v.vcpu.get_regs()
+                if regs.rflags & 0x200 or state != U.KVM_MP_STATE_RUNNABLE:
+                    v.spin_since = None
+                elif v.spin_since is None:
+                    v.spin_since = time.monotonic()
+                v.spin_rip = regs.rip
         except TracevisorError:
             v.parked = False

@@ -73,6 +73,9 @@ class SessionConfig:
     nd_sites: dict | None = None  # replay: the recorded site table (header "exact")
     schedule: list | None = None  # replay: the recorded vCPU schedule (`sched` events)
     coalesce_console: bool = False  # UART output through KVM's coalesced-I/O ring (no exit per byte)
+    fallback: str = "auto"  # instruction fallback (tracevisor/fallback.py): auto | on | off
+    fallback_budget: int = 100_000  # instructions per fallback burst at most
+    spin_hang_s: float = 5.0  # a running vCPU with interrupts off this long is reported as a hang
 
     def __post_init__(self) -> None:
         self.kernel = os.fspath(self.kernel)
@@ -88,7 +91,9 @@ class SessionConfig:
         return VmConfig(kernel=self.kernel, args=list(self.args), memory=self.memory, cpus=self.cpus,
                         verbose=self.verbose, pit=self.pit, timeout=self.timeout, hide_rdrand=self.hide_rdrand,
                         cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s, exact=self.exact,
-                        nd_sites=self.nd_sites, schedule=self.schedule, coalesce_console=self.coalesce_console)
+                        nd_sites=self.nd_sites, schedule=self.schedule, coalesce_console=self.coalesce_console,
+                        fallback=self.fallback, fallback_budget=self.fallback_budget,
+                        spin_hang_s=self.spin_hang_s)
 
     def validate(self) -> None:
         """Every problem of the configuration itself as one TracevisorError (kernel and mounts excepted)."""
@@ -99,6 +104,16 @@ class SessionConfig:
         self.vm_config().validate()
         if self.timeout is not None and not (0 < self.timeout < float("inf")):  # also refuses nan
             raise TracevisorError(f"--timeout {self.timeout}: must be a positive number of seconds")
+        if self.fallback not in ("auto", "on", "off"):
+            raise TracevisorError(f"--fallback {self.fallback}: use auto, on or off")
+        if not 1 <= self.fallback_budget <= 1 << 31:
+            raise TracevisorError(f"--fallback-budget {self.fallback_budget}: must be 1 to {1 << 31}")
+        if not 0 <= self.spin_hang_s < float("inf"):
+            raise TracevisorError(f"--spin-hang {self.spin_hang_s}: must be 0 (off) or a number of seconds")
+        if self.fallback == "on":
+            from .fallback import load_engines
+
+            load_engines()
 
     def guest_argv(self) -> list[bytes]:
         argv = [os.fsencode(a) for a in [self.kernel, *self.args]]  # the bytes the host gave us
@@ -160,12 +175,19 @@ def trace_header(config: SessionConfig, image: KernelImage, machine: Machine, sa
                                   "parallel") + " (docs/determinism.md)"},
         "options": {"verbose": config.verbose, "pit": config.pit, "timeout": config.timeout,
                     "stagger_s": config.stagger_s, "net": config.net,
-                    "coalesce_console": config.coalesce_console},
+                    "coalesce_console": config.coalesce_console, "spin_hang_s": config.spin_hang_s},
         "digests": bool(desc["caps"].get("sync_regs")),
+        "fallback": _fallback_header(machine),
     }
     if machine.ndi is not None:
         header["exact"] = machine.ndi.header()
     return header
+
+
+def _fallback_header(machine: Machine) -> dict:
+    from .fallback import header_config
+
+    return header_config(machine)
 
 
 def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig:
@@ -180,6 +202,7 @@ def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig
               for m in header.get("mounts") or [] if isinstance(m, dict) and "host" in m and "guest" in m]
     determinism = header.get("determinism") or {}
     exact = header.get("mode") == "exact"
+    fb = header.get("fallback") if isinstance(header.get("fallback"), dict) else {}
     return SessionConfig(
         kernel=kernel or host_str(kinfo.get("path") or ""), args=argv[1:], memory=int(header["memory"]),
         cpus=int(header["cpus"]), mounts=mounts, env=[host_str(e) for e in header.get("env") or []],
@@ -187,7 +210,9 @@ def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig
         net=opts.get("net"), hide_rdrand=bool(determinism.get("rdrand_hidden", True)),
         stagger_s=float(opts.get("stagger_s", AP_STAGGER_S)), cpuid_rows=header.get("cpuid"),
         exact=exact, nd_sites=header.get("exact") if exact else None,
-        coalesce_console=opts.get("coalesce_console") is True)
+        coalesce_console=opts.get("coalesce_console") is True,
+        fallback=str(fb.get("mode", "auto")), fallback_budget=int(fb.get("budget", 100_000)),
+        spin_hang_s=float(opts.get("spin_hang_s", 5.0)))
 
 
 # -- sessions ------------------------------------------------------------------------------------------

@@ -252,6 +252,20 @@ class Vcpu:
     def set_vcpu_events(self, ev: U.kvm_vcpu_events) -> None:
         _ioctl(self.fd, U.KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
 
+    def get_xsave(self) -> U.kvm_xsave:
+        xs = U.kvm_xsave()
+        _ioctl(self.fd, U.KVM_GET_XSAVE, xs, "KVM_GET_XSAVE")
+        return xs
+
+    def set_xsave(self, xs: U.kvm_xsave) -> None:
+        _ioctl(self.fd, U.KVM_SET_XSAVE, xs, "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> dict[int, int]:
+        """The extended control registers (XCR0 after the guest's XSETBV), as {index: value}."""
+        xc = U.kvm_xcrs()
+        _ioctl(self.fd, U.KVM_GET_XCRS, xc, "KVM_GET_XCRS")
+        return {xc.xcrs[i].xcr: xc.xcrs[i].value for i in range(min(xc.nr_xcrs, 16))}
+
     def get_lapic(self) -> U.kvm_lapic_state:
         st = U.kvm_lapic_state()
         _ioctl(self.fd, U.KVM_GET_LAPIC, st, "KVM_GET_LAPIC")

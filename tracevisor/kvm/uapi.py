@@ -180,6 +180,18 @@ class kvm_vcpu_events(Struct):
     _fields_ = [("raw", u8 * 64)]
 
 
+class kvm_xsave(Struct):
+    _fields_ = [("region", u8 * 4096)]
+
+
+class kvm_xcr(Struct):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class kvm_xcrs(Struct):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", kvm_xcr * 16), ("padding", u64 * 16)]
+
+
 class kvm_debugregs(Struct):
     _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
 
@@ -280,6 +292,9 @@ KVM_GET_DEBUGREGS = _ior(0xA1, kvm_debugregs)
 KVM_SET_DEBUGREGS = _iow(0xA2, kvm_debugregs)
 KVM_ENABLE_CAP = _iow(0xA3, kvm_enable_cap)
 KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_GET_XSAVE = _ior(0xA4, kvm_xsave)
+KVM_SET_XSAVE = _iow(0xA5, kvm_xsave)
+KVM_GET_XCRS = _ior(0xA6, kvm_xcrs)
 
 KVM_API_VERSION = 12
 

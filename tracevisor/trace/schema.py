@@ -338,6 +338,63 @@ KINDS: dict[str, Kind] = {
             ),
         ),
         Kind(
+            "burst",
+            "One instruction-fallback burst (format 1.2; docs/fallback.md): KVM could not emulate the "
+            "instruction at `start`, and the fallback emulator ran from there until an instruction KVM must "
+            "see, the budget, or a fault. Deterministic: replay compares `start`, `end`, `count` and `stop`.",
+            required=(
+                Field("start", "int", "guest-virtual RIP of the first instruction"),
+                Field("end", "int", "RIP after the burst (the next instruction KVM runs)"),
+                Field("count", "int", "instructions the burst executed"),
+                Field("stop", "str", "why it ended: \"exit\" (an instruction KVM must run), \"budget\", "
+                                     "\"fault\" (an exception at `end`, left to KVM) or \"mmio\" (an access "
+                                     "outside guest RAM, left to KVM)"),
+                Field("insn", "str", "mnemonic of the first instruction"),
+            ),
+            optional=(Field("vector", "int", "exception vector when `stop` is \"fault\""),),
+        ),
+        Kind(
+            "nm",
+            "The fallback raised #NM (device not available) in the guest: the first SSE/x87 instruction after "
+            "a task switch with CR0.TS set (lazy FPU), format 1.2.",
+            required=(Field("rip", "int", "RIP of the instruction"), Field("insn", "str", "its mnemonic")),
+        ),
+        Kind(
+            "exception",
+            "The fallback delivered another exception raised by the first instruction of a burst "
+            "(#PF, #GP, #UD ...), as the CPU would, format 1.2.",
+            required=(Field("rip", "int", "RIP of the instruction"), Field("vector", "int", "exception vector"),
+                      Field("insn", "str", "its mnemonic")),
+            optional=(Field("error_code", "int", "the error code pushed"),
+                      Field("cr2", "int", "faulting address of a #PF")),
+        ),
+        Kind(
+            "xgetbv",
+            "The fallback executed XGETBV (KVM's emulator cannot), format 1.2.",
+            required=(Field("rip", "int", "RIP of the instruction"), Field("xcr", "int", "ECX: which XCR")),
+            optional=(Field("value", "int", "the value returned in EDX:EAX"),
+                      Field("vector", "int", "exception raised instead (#GP for an unknown XCR)"),
+                      Field("error_code", "int", "its error code")),
+        ),
+        Kind(
+            "xsave",
+            "The fallback executed XSAVE/XSAVEOPT into guest memory from KVM's XSAVE state, format 1.2.",
+            required=(Field("rip", "int", "RIP of the instruction"), Field("addr", "int", "save area (virtual)"),
+                      Field("rfbm", "int", "requested-feature bitmap XCR0 & EDX:EAX")),
+            optional=(Field("vector", "int", "exception raised instead (#GP misaligned, #PF)"),
+                      Field("error_code", "int", "its error code"), Field("cr2", "int", "#PF address"),
+                      Field("error", "str", "why the CPU would fault")),
+        ),
+        Kind(
+            "xrstor",
+            "The fallback executed XRSTOR from guest memory into KVM's XSAVE state, format 1.2.",
+            required=(Field("rip", "int", "RIP of the instruction"), Field("addr", "int", "save area (virtual)"),
+                      Field("rfbm", "int", "requested-feature bitmap XCR0 & EDX:EAX")),
+            optional=(Field("vector", "int", "exception raised instead (#GP, #PF)"),
+                      Field("error_code", "int", "its error code"), Field("cr2", "int", "#PF address"),
+                      Field("error", "str", "why the CPU faulted")),
+        ),
+        Kind(
             "net",
             "One Ethernet frame the guest sent or received (format 1.1), without the virtio-net header. A "
             "`tx` frame follows the `virtio` chain event it came from; an `rx` frame follows the `hostio` "
@@ -390,6 +447,12 @@ HEADER_FIELDS: tuple[Field, ...] = (
                              "compares them only then"),
     Field("memhash", "map", "`{every: int, hypercalls: bool}`: a `mem` event every `every` exits of the vCPU (0: "
                             "none) and after every hypercall; absent when the trace has no `mem` events"),
+    Field("fallback", "map", "instruction fallback configuration: `{mode: str, budget: int}` plus, "
+                             "when the engines are installed, `{engine, unicorn, capstone, exit_set, exits, "
+                             "scan_version}` (exit_set: hash of the sweep's exit addresses); replay uses the same"),
+    Field("guest_cpuid", "map", "what a guest on this host really sees in CPUID: "
+                                "`{leaf1_ecx, leaf1_edx, leaf7_ebx, leaf7_ecx, leaf7_edx, rdrand, rdseed, "
+                                "xsave, avx, avx2, avx512f, honoured: bool}` from the probe guest"),
 )
 
 FOOTER_FIELDS: tuple[Field, ...] = (
