@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "hypercalls like strace: open(\"data.txt\", O_RDONLY) = 3.")
     p.add_argument("trace", metavar="TRACE")
     p.add_argument("--kind", action="append", default=None,
-                   choices=["exit", "hypercall", "hostio", "console", "mmio", "vcpu", "stop", "virtio", "net"],
+                   choices=["exit", "hypercall", "hostio", "console", "mmio", "vcpu", "stop", "virtio", "net",
+                            "burst", "nm", "exception", "xgetbv", "xsave", "xrstor"],
                    help="only events of this kind (repeatable)")
     p.add_argument("--cpu", type=int, default=None, help="only events of this vCPU")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="print at most N events")

@@ -318,6 +318,8 @@ def info_text(reader: TraceReader) -> str:
         row("compression", h["compression"])
     if isinstance(h.get("options"), Mapping) and h["options"]:
         row("options", _value(h["options"]))
+    if isinstance(h.get("fallback"), Mapping) and h["fallback"]:
+        row("fallback", _value(h["fallback"]))
 
     tot = _totals(reader)
     events, exits = tot["events"], tot["exits"]

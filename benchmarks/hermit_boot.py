@@ -1,0 +1,42 @@
+"""Boot-to-exit of the prebuilt Hermit kernels through the instruction fallback: wall and CPU time,
+fallback count, bursts, instructions, mean register-transfer and burst time per burst.
+
+    PYTHONPATH=. python benchmarks/hermit_boot.py [hello_world rusty_demo ...]
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+
+from tracevisor import session
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNELS = os.path.join(os.path.dirname(HERE), "guests", "hermit")
+
+
+def bench(name: str, cpus: int = 1) -> None:
+    cfg = session.SessionConfig(kernel=os.path.join(KERNELS, name), cpus=cpus, quiet=True)
+    s = session.build_run(cfg)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    info = s.run()
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    fb = s.machine.fallback
+    st = fb.stats if fb else {}
+    s.close()
+    b = st.get("bursts", 0) or 1
+    print(f"{name} -c {cpus}: status {info.status}, wall {wall:.2f} s, cpu {cpu:.2f} s, "
+          f"bursts {st.get('bursts', 0)}, instructions {st.get('instructions', 0)}, "
+          f"xgetbv/xsave/xrstor/#NM {st.get('xgetbv', 0)}/{st.get('xsave', 0)}/{st.get('xrstor', 0)}/"
+          f"{st.get('nm', 0)}, transfer {st.get('transfer_ns', 0) / b / 1e3:.0f} µs/burst, "
+          f"burst {st.get('burst_ns', 0) / b / 1e3:.0f} µs/burst, engine set-up {st.get('setup_ns', 0) / 1e6:.0f} ms")
+
+
+if __name__ == "__main__":
+    for n in sys.argv[1:] or ["hello_world", "rusty_demo"]:
+        bench(n)
