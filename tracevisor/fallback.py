@@ -705,7 +705,7 @@ def step(machine, v) -> bool:
     sink = machine.sink
     if sink is not None:
         kind = ev.pop("kind")
-        sink.event(kind, v.cpu, machine.now(), **ev)
+        sink.event(kind, v.cpu, machine.clock.now(), **ev)
     return True
 
 
