@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: runs of int3 padding are not exits
 
 # Instructions that only KVM may execute (the emulator must stop before them), by mnemonic.
 KVM_ONLY = frozenset("""
@@ -116,13 +116,30 @@ def sweep(chunks: list[tuple[int, bytes]]) -> CodeScan:
     n = 0
     for base, data in chunks:
         scan.ranges.append((base, base + len(data)))
+        prev_int3 = None  # address of an int3 kept as an exit just before this instruction
         for addr, _size, mnem, ops in md.disasm_lite(data, base):
             n += 1
             if mnem == ".byte":
+                prev_int3 = None
                 continue
             why = classify(mnem, ops)
             if why is None:
+                prev_int3 = None
                 continue
+            if mnem == "int3":
+                # Runs of int3 are the compiler's padding between functions (tens of thousands in a Rust
+                # kernel) and never execute; Unicorn's cost per burst grows with the number of exits, so
+                # only an isolated int3 stays one.  An executed padding int3 still stops the emulator:
+                # it raises #BP there (an interrupt), which the fallback injects as KVM would.
+                if prev_int3 is not None:
+                    if exits and exits[-1] == prev_int3:
+                        exits.pop()
+                        kinds[why] -= 1
+                    prev_int3 = addr
+                    continue
+                prev_int3 = addr
+            else:
+                prev_int3 = None
             exits.append(addr)
             kinds[why] = kinds.get(why, 0) + 1
             if why == "nondeterministic":
