@@ -159,3 +159,31 @@ def test_codescan_classifies(code, why):
         assert scan.exits == []
     else:
         assert scan.exits == [0x1000] and scan.kinds == {why: 1}
+
+
+# -- rusty_demo: threads, floating point (π, matrices, Laplace) through the fallback ----------------------
+
+@pytest.fixture(scope="module", params=[
+    1, pytest.param(2, marks=pytest.mark.xfail(reason="two vCPUs: the demo's 100 ms sleep check (<= 105 ms) "
+                                                      "measured 103.6-107.4 ms on this loaded host", strict=False))],
+    ids=["c1", "c2"])
+def rusty_demo(request):
+    """One run of rusty_demo per vCPU count, shared by the assertions below (each run takes ~30 s here).
+    Its own checks include a 100 ms sleep measured to take at most 105 ms."""
+    _kvm_or_skip()
+    r = _tv("run", "-c", str(request.param), os.path.join(HERMIT, "rusty_demo"), timeout=300)
+    return r, (r.stdout + r.stderr).decode("utf-8", "replace")
+
+
+def test_rusty_demo_exits_0(rusty_demo):
+    r, out = rusty_demo
+    assert r.returncode == 0, out[-3000:]
+    assert "shutting down with code 0" in out
+
+
+def test_rusty_demo_prints_its_sections(rusty_demo):
+    _r, out = rusty_demo
+    for line in ("Hello, Hermit!", "Hello, world!", "Measured time for 100ms sleep", "Calculating Pi (Sequential)",
+                 "Calculating Pi (Parallel)", "256x256 matrix", "Laplace iterations", "1000 iterations"):
+        assert line in out, f"{line!r} missing:\n{out[-3000:]}"
+    assert "panicked" not in out
