@@ -339,7 +339,7 @@ KINDS: dict[str, Kind] = {
         ),
         Kind(
             "burst",
-            "One instruction-fallback burst (format 1.2; docs/fallback.md): KVM could not emulate the "
+            "One instruction-fallback burst (docs/fallback.md): KVM could not emulate the "
             "instruction at `start`, and the fallback emulator ran from there until an instruction KVM must "
             "see, the budget, or a fault. Deterministic: replay compares `start`, `end`, `count` and `stop`.",
             required=(
@@ -356,13 +356,13 @@ KINDS: dict[str, Kind] = {
         Kind(
             "nm",
             "The fallback raised #NM (device not available) in the guest: the first SSE/x87 instruction after "
-            "a task switch with CR0.TS set (lazy FPU), format 1.2.",
+            "a task switch with CR0.TS set (lazy FPU). Format 2.0.",
             required=(Field("rip", "int", "RIP of the instruction"), Field("insn", "str", "its mnemonic")),
         ),
         Kind(
             "exception",
             "The fallback delivered another exception raised by the first instruction of a burst "
-            "(#PF, #GP, #UD ...), as the CPU would, format 1.2.",
+            "(#PF, #GP, #UD ...), as the CPU would. Format 2.0.",
             required=(Field("rip", "int", "RIP of the instruction"), Field("vector", "int", "exception vector"),
                       Field("insn", "str", "its mnemonic")),
             optional=(Field("error_code", "int", "the error code pushed"),
@@ -370,7 +370,7 @@ KINDS: dict[str, Kind] = {
         ),
         Kind(
             "xgetbv",
-            "The fallback executed XGETBV (KVM's emulator cannot), format 1.2.",
+            "The fallback executed XGETBV (KVM's emulator cannot). Format 2.0.",
             required=(Field("rip", "int", "RIP of the instruction"), Field("xcr", "int", "ECX: which XCR")),
             optional=(Field("value", "int", "the value returned in EDX:EAX"),
                       Field("vector", "int", "exception raised instead (#GP for an unknown XCR)"),
@@ -378,7 +378,7 @@ KINDS: dict[str, Kind] = {
         ),
         Kind(
             "xsave",
-            "The fallback executed XSAVE/XSAVEOPT into guest memory from KVM's XSAVE state, format 1.2.",
+            "The fallback executed XSAVE/XSAVEOPT into guest memory from KVM's XSAVE state. Format 2.0.",
             required=(Field("rip", "int", "RIP of the instruction"), Field("addr", "int", "save area (virtual)"),
                       Field("rfbm", "int", "requested-feature bitmap XCR0 & EDX:EAX")),
             optional=(Field("vector", "int", "exception raised instead (#GP misaligned, #PF)"),
@@ -387,7 +387,7 @@ KINDS: dict[str, Kind] = {
         ),
         Kind(
             "xrstor",
-            "The fallback executed XRSTOR from guest memory into KVM's XSAVE state, format 1.2.",
+            "The fallback executed XRSTOR from guest memory into KVM's XSAVE state. Format 2.0.",
             required=(Field("rip", "int", "RIP of the instruction"), Field("addr", "int", "save area (virtual)"),
                       Field("rfbm", "int", "requested-feature bitmap XCR0 & EDX:EAX")),
             optional=(Field("vector", "int", "exception raised instead (#GP, #PF)"),
