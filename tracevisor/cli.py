@@ -83,8 +83,8 @@ def add_vm_options(p: argparse.ArgumentParser, record: bool = False) -> None:
                         "instruction and stops (docs/fallback.md)")
     p.add_argument("--spin-hang", type=float, default=5.0, metavar="SECONDS",
                    help="report a hang (status 3, with its RIP) when a running vCPU keeps interrupts disabled "
-                        "for this long (default 5; 0 = never); guests that compute longer with interrupts off "
-                        "need a larger value")
+                        "and makes no exit for this long (default 5; 0 = never); guests that compute longer "
+                        "with interrupts off and no I/O need a larger value")
     p.add_argument("--fallback-budget", type=int, default=100_000, metavar="N",
                    help="at most N instructions per fallback burst (default 100000); part of the trace, so a "
                         "replay uses the recorded value")

@@ -213,6 +213,8 @@ def vcpu_loop(runner: VcpuRunner, v: VcpuState, ext: ModuleType) -> None:
         if periodic is not None:
             budget = v.mem_countdown if not budget else min(budget, v.mem_countdown)
         status, handled, off2, i2, con, con_t, ex = loop.run(budget, fast, off, lim, items, i, climit)
+        if handled or status == 0:
+            v.spin_since = None  # the vCPU made exits: not a spin without exits (see the watchdog)
         # Order matters: the rows of the UART exits first, then their console bytes (a line's console
         # event follows its last exit row), then the exit Python handles.
         if handled and fast:

@@ -72,7 +72,7 @@ class VmConfig:
     coalesce_console: bool = False  # UART OUTs go to KVM's coalesced-I/O ring instead of exiting one by one
     fallback: str = "auto"  # instruction fallback (tracevisor/fallback.py): auto | on | off
     fallback_budget: int = 100_000  # instructions per fallback burst at most
-    spin_hang_s: float = 5.0  # a running vCPU with IF=0 at every watchdog probe this long is a hang
+    spin_hang_s: float = 5.0  # a running vCPU with IF=0 and no exit between watchdog probes this long: a hang
 
     def validate(self) -> None:
         if not MIN_MEMORY <= self.memory <= MAX_MEMORY:
@@ -448,8 +448,8 @@ class Machine:
         limit = self.config.spin_hang_s
         for v in live:
             if limit and v.spin_since is not None and time.monotonic() - v.spin_since >= limit:
-                v.stop_request = (StopReason.HANG, f"vCPU {v.cpu} has run with interrupts disabled for "
-                                  f"{time.monotonic() - v.spin_since:.0f} s (last seen at rip {v.spin_rip:#x}): "
+                v.stop_request = (StopReason.HANG, f"vCPU {v.cpu} has run with interrupts disabled and "
+                                  f"without an exit for {time.monotonic() - v.spin_since:.0f} s (last seen at rip {v.spin_rip:#x}): "
                                   "nothing can interrupt it; VM stopped (--spin-hang SECONDS sets this limit, "
                                   "0 turns the check off)")
                 self._kick(v)

@@ -522,6 +522,7 @@ class VcpuRunner:
                     continue
                 self.kvm_run_failed(v, err)
             reason, direction, size, port, count, data_offset, rip, data = unpack(mm, 8)
+            v.spin_since = None  # an exit: not a spin without exits (the watchdog's probe starts it again)
             if ring:  # --coalesce-console: the queued UART bytes come before this exit
                 self.ring_drain(v)
                 if reason == 2 and direction and port == uart_port and count == 1:  # the ring was full
