@@ -5,6 +5,7 @@ the code sweep's classification."""
 from __future__ import annotations
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -163,26 +164,37 @@ def test_codescan_classifies(code, why):
 
 # -- rusty_demo: threads, floating point (π, matrices, Laplace) through the fallback ----------------------
 
-@pytest.fixture(scope="module", params=[
-    1, pytest.param(2, marks=pytest.mark.xfail(reason="two vCPUs: the demo's 100 ms sleep check (<= 105 ms) "
-                                                      "measured 103.6-107.4 ms on this loaded host", strict=False))],
-    ids=["c1", "c2"])
+SLEEP_LINE = re.compile(r"Measured time for 100ms sleep: ([0-9.]+)ms")
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["c1", "c2"])
 def rusty_demo(request):
-    """One run of rusty_demo per vCPU count, shared by the assertions below (each run takes ~30 s here).
-    Its own checks include a 100 ms sleep measured to take at most 105 ms."""
+    """One run of rusty_demo per vCPU count, shared by the assertions below (each run takes ~30 s here)."""
     _kvm_or_skip()
     r = _tv("run", "-c", str(request.param), os.path.join(HERMIT, "rusty_demo"), timeout=300)
     return r, (r.stdout + r.stderr).decode("utf-8", "replace")
 
 
+def _sleep_check_failed(out: str) -> None:
+    """rusty_demo checks that a 100 ms sleep takes at most 105 ms of wall-clock time and panics otherwise.
+    The code after the wake-up runs in the instruction fallback, so on a loaded host the sleep can measure a
+    few ms more: that outcome (and only that one) is an expected failure, reported with the measurement."""
+    m = SLEEP_LINE.search(out)
+    if m and float(m.group(1)) > 105 and "panicked" in out[m.end():]:
+        pytest.xfail(f"the guest's own wall-clock check: its 100 ms sleep measured {m.group(1)} ms (> 105 ms) "
+                     "on this host")
+
+
 def test_rusty_demo_exits_0(rusty_demo):
     r, out = rusty_demo
+    _sleep_check_failed(out)
     assert r.returncode == 0, out[-3000:]
     assert "shutting down with code 0" in out
 
 
 def test_rusty_demo_prints_its_sections(rusty_demo):
     _r, out = rusty_demo
+    _sleep_check_failed(out)
     for line in ("Hello, Hermit!", "Hello, world!", "Measured time for 100ms sleep", "Calculating Pi (Sequential)",
                  "Calculating Pi (Parallel)", "256x256 matrix", "Laplace iterations", "1000 iterations"):
         assert line in out, f"{line!r} missing:\n{out[-3000:]}"
