@@ -27,12 +27,9 @@ import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .kvm import uapi as U
-
-if TYPE_CHECKING:
-    from .runloop import VcpuRunner, VcpuState
 
 SOURCE = Path(__file__).resolve().parent / "_fastloop.c"
 ABI = 1  # bumped with every incompatible change of the extension's interface
@@ -156,11 +153,13 @@ def unavailable_reason() -> str | None:
 # handle to the runner's ExitDispatcher, decoded the same way.
 # ------------------------------------------------------------------------------------------------------
 
-def vcpu_loop(runner: VcpuRunner, v: VcpuState, ext: ModuleType) -> None:
-    """Run vCPU ``v`` on the native loop until it stops (returns) or raises like the pure-Python loop
-    (VmStop, GuestExit, Divergence, ...)."""
+def vcpu_loop(runner: Any, v: Any, ext: ModuleType) -> None:
+    """Run vCPU ``v`` (a runloop.VcpuState) of ``runner`` (a runloop.VcpuRunner, which passes itself) on the
+    native loop until it stops (returns) or raises like the pure-Python loop (VmStop, GuestExit, ...).
+    This module does not import runloop: the runner hands over what the loop needs."""
     from . import hypercalls
-    from .runloop import decode
+
+    decode = runner.decode
     from .trace.schema import EXIT_ROW_SIZE
 
     vc = v.vcpu
@@ -248,7 +247,7 @@ def vcpu_loop(runner: VcpuRunner, v: VcpuState, ext: ModuleType) -> None:
             runner.kvm_run_failed(v, ex)
 
 
-def _count_exits(v: VcpuState, n: int, every: int, periodic) -> None:
+def _count_exits(v: Any, n: int, every: int, periodic) -> None:
     """``n`` more exits of ``v``: hash memory when its countdown runs out (the budget stops the C loop there)."""
     left = v.mem_countdown - n
     if left <= 0:

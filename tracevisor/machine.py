@@ -337,8 +337,16 @@ class Machine:
         # with a schedule, the scheduler decides when an AP first runs (uhyve's stagger, recorded)
         self.runner = VcpuRunner(dispatcher, self._stopping, self.stop, self.pause_requested,
                                  0.0 if self.sched is not None else self.config.stagger_s, sched=self.sched,
-                                 native=self.native, ring_offset=self.ring_offset, exit_budget=self.exit_budget)
+                                 native_loop=self._native_loop(), ring_offset=self.ring_offset,
+                                 exit_budget=self.exit_budget)
         self.booted = True
+
+    def _native_loop(self):
+        """The C loop for the runner (tracevisor/fastloop.py), or None for the pure-Python loop."""
+        ext = self.native
+        if ext is None:
+            return None
+        return lambda runner, v: fastloop.vcpu_loop(runner, v, ext)
 
     def resume(self) -> StopInfo:
         """Run a booted VM that has not started yet, or continue one that stopped with reason "paused"."""

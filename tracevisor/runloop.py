@@ -397,19 +397,23 @@ class VcpuRunner:
     """Runs vCPUs: one call of :meth:`run_thread` per vCPU thread, until the VM stops or pauses.
 
     ``stopping`` is set by the VM when every vCPU must leave ``KVM_RUN``; ``stop(info)`` reports why this
-    vCPU stopped (the first report wins); ``paused()`` tells whether the VM's stop is a pause."""
+    vCPU stopped (the first report wins); ``paused()`` tells whether the VM's stop is a pause.
+    ``native_loop(runner, v)``, when given, replaces the pure-Python loop (tracevisor/fastloop.py); it
+    decodes the exits it hands back with :attr:`decode`."""
+
+    decode = staticmethod(decode)
 
     def __init__(self, dispatcher: ExitDispatcher, stopping: threading.Event,
                  stop: Callable[[StopInfo], None], paused: Callable[[], bool], stagger_s: float,
-                 sched=None, native=None, ring_offset: int = 0,
-                 exit_budget: Callable[[VcpuState], int] | None = None) -> None:
+                 sched=None, native_loop: Callable[[VcpuRunner, VcpuState], None] | None = None,
+                 ring_offset: int = 0, exit_budget: Callable[[VcpuState], int] | None = None) -> None:
         self.sched = sched  # exact mode, several vCPUs: the token and schedule (tracevisor/sched.py)
         self.dispatcher = dispatcher
         self.stopping = stopping
         self.stop = stop
         self.paused = paused
         self.stagger_s = stagger_s
-        self.native = native  # the tracevisor._fastloop module (tracevisor/fastloop.py), or None
+        self.native_loop = native_loop  # the C loop (tracevisor/fastloop.py), or None
         self.ring_offset = ring_offset  # --coalesce-console: the ring's offset in the kvm_run mapping
         self.exit_budget = exit_budget  # v -> exits before Python must see one (0: no limit), or None
 
@@ -471,10 +475,8 @@ class VcpuRunner:
         """The hot loop.  Everything per exit is a local lookup."""
         # The C loop (tracevisor/fastloop.py); below, the pure-Python one, which also serves exact mode's
         # serialized vCPUs: their schedule acts before and after every exit, UART exits included.
-        if self.native is not None and self.sched is None:
-            from .fastloop import vcpu_loop
-
-            return vcpu_loop(self, v, self.native)
+        if self.native_loop is not None and self.sched is None:
+            return self.native_loop(self, v)
         mm = v.vcpu.run_mmap
         if len(mm) < _EXIT.size:
             raise TracevisorError(f"the kvm_run mapping ({len(mm)} bytes) has no I/O data page")
