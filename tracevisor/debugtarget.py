@@ -226,6 +226,7 @@ class LiveTarget:
         self.sw_backend = sw_breakpoints
         self.slots: list[Slot | None] = [None] * NUM_SLOTS
         self.int3: dict[int, int] = {}  # address → original byte (int3 backend)
+        machine.debugger_code = self.int3  # the instruction fallback leaves these int3s to the debugger
         image = machine.image
         self.offsets = image.load_address if image.pie else 0
         self.final: StopInfo | None = None  # the VM has stopped for good

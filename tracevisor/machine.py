@@ -137,6 +137,9 @@ class Machine:
         self.fallback_error: str | None = None
         self.fallback_hint: str | None = None
         self.ndi = None  # ndinsn.Patcher in exact mode
+        #: guest-virtual addresses where a debugger planted an int3 (gdb's int3 backend): the instruction
+        #: fallback must not run those; they stop as the debugger expects
+        self.debugger_code: dict[int, int] = {}
         self.sched = None  # sched.Scheduler: exact mode with several vCPUs runs one at a time
         self.kick_signal = KICK_SIGNAL
         self.started_at = time.monotonic()
@@ -449,6 +452,8 @@ class Machine:
     def _fallback_step(self, v: VcpuState) -> bool:
         from . import fallback
 
+        if self.debugger_code and v.vcpu.run.s.regs.regs.rip in self.debugger_code:
+            return False  # a debugger's breakpoint, not guest code the host could not emulate
         return fallback.step(self, v)
 
     def _watchdog(self) -> None:
