@@ -26,32 +26,20 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from asmguest import build_asm  # noqa: E402  (benchmarks/asmguest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TSC_LOOP = """
-.globl _start
-.text
-_start:
   mov ${n}, %ecx
 1: rdtsc
   rdrand %rax
   dec %ecx
   jnz 1b
-  lea exitblk(%rip), %rax
-  mov $0x540, %dx
-  outl %eax, %dx
-.data
-exitblk: .long 0
 """
 
 
-def build(tmp: Path, name: str, text: str) -> str:
-    src = tmp / f"{name}.S"
-    src.write_text(text)
-    out = tmp / name
-    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,-Ttext=0x400000", "-Wl,--build-id=none",
-                    "-o", str(out), str(src)], check=True)
-    return str(out)
 
 
 def timed(args: list[str]) -> tuple[float, float, int]:
@@ -83,11 +71,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        race = build(tmp, "race", ".globl _start\n.text\n_start:\n" + RACE +
-                     "\n.data\nexitblk: .long 0\n" + RACE_DATA)
+        race = build_asm(tmp, "race", RACE, RACE_DATA)
         guests = {
             "compute": ([str(example("compute")), "20000"], 1),
-            "tsc-loop": ([build(tmp, "tsc", TSC_LOOP.replace("{n}", str(ns.n)))], 1),
+            "tsc-loop": ([build_asm(tmp, "tsc", TSC_LOOP.replace("{n}", str(ns.n)))], 1),
             "smp-race": ([race], 2),
         }
         print(f"{'guest':<10} {'mode':<18} {'wall s':>8} {'cpu s':>8} {'× run':>7} {'× parallel':>10}")

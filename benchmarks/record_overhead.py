@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from asmguest import build_asm  # noqa: E402  (benchmarks/asmguest.py)
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -36,30 +39,17 @@ def exits_for(n: int) -> int:
 
 
 UART_LOOP = """
-.globl _start
-.text
-_start:
   mov ${n}, %ecx
   mov $0x800, %dx
   mov $'.', %al
 1: outb %al, %dx
   dec %ecx
   jnz 1b
-  lea exitblk(%rip), %rax
-  mov $0x540, %dx
-  outl %eax, %dx
-.data
-exitblk: .long 0
 """
 
 
 def build_uart_loop(tmp: Path, n: int) -> str:
-    src = tmp / f"uart{n}.S"
-    src.write_text(UART_LOOP.format(n=n))
-    out = tmp / f"uart{n}"
-    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,-Ttext=0x400000", "-o", str(out), str(src)],
-                   check=True)
-    return str(out)
+    return build_asm(tmp, f"uart{n}", UART_LOOP.format(n=n))
 
 
 def timed(cmd: list[str]) -> float:

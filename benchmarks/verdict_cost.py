@@ -25,34 +25,24 @@ import time
 import zlib
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from asmguest import build_asm  # noqa: E402  (benchmarks/asmguest.py)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 UART_LOOP = """
-.globl _start
-.text
-_start:
   mov ${n}, %ecx
   mov $0x800, %dx
 1: mov %ecx, %eax
   outb %al, %dx
   dec %ecx
   jnz 1b
-  lea exitblk(%rip), %rax
-  mov $0x540, %dx
-  outl %eax, %dx
-.data
-exitblk: .long 0
 """
 
 
 def build(tmp: Path, n: int) -> Path:
-    src = tmp / f"loop{n}.S"
-    src.write_text(UART_LOOP.format(n=n))
-    out = tmp / f"loop{n}"
-    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,-Ttext=0x400000", "-o", str(out), str(src)],
-                   check=True, capture_output=True)
-    return out
+    return Path(build_asm(tmp, f"loop{n}", UART_LOOP.format(n=n)))
 
 
 def timed(cmd: list[str], pythonpath: Path) -> tuple[float, float]:

@@ -39,6 +39,8 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from .codescan import executable_chunks
+
 NDI_PORTS = (0xE6, 0xE7)
 KINDS = ("rdtsc", "rdtscp", "rdrand", "rdseed")
 RESYNC_WINDOW = 64  # bytes after undecodable bytes in which instruction starts are not trusted
@@ -193,19 +195,6 @@ def find_sites(chunks: Iterable[tuple[int, bytes]], debug_slots: int = MAX_DEBUG
         else:
             sites.append(Site(addr, len(raw), kind, reg, bits, raw, "uncovered"))
     return SiteScan(sites, n, skipped)
-
-
-def executable_chunks(path: str, bias: int) -> list[tuple[int, bytes]]:
-    """The executable PT_LOAD segments of an ELF file as (guest-virtual address, file bytes)."""
-    from elftools.elf.elffile import ELFFile
-
-    out = []
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        for seg in elf.iter_segments():
-            if seg["p_type"] == "PT_LOAD" and seg["p_flags"] & 1:
-                out.append((seg["p_vaddr"] + bias, seg.data()))
-    return out
 
 
 def scan_image(image) -> SiteScan:
