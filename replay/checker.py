@@ -30,6 +30,7 @@ COMPARED_KINDS = {"exit", "hypercall", "vcpu", "mmio", "virtio", "net", "mem",
                   "burst", "nm", "exception", "xgetbv", "xsave", "xrstor"}
 #: Recorded stops that end a recording at an arbitrary point of the guest's run (not the guest's doing)
 EXTERNAL_STOPS = ("timeout", "interrupted", "terminated", "trace-full")
+COMPARED_KINDS |= {"irq", "msr"}  # exact mode's user-space interrupt path (tracevisor/interrupts.py)
 #: Fields of an event that are not the guest's doing: timing (``t`` and ``seq`` are common fields, never
 #: compared), and why a vCPU's thread ended (a replay paused or stopped early ends it differently).
 NOT_COMPARED = {"hypercall": {"t_end"}, "vcpu": {"reason"}}

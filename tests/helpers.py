@@ -74,3 +74,36 @@ def spawn_cli(*args: str, sigint: str = "default", **popen):
             p.communicate(timeout=30)
         except (subprocess.TimeoutExpired, ValueError):
             pass
+
+
+def guest_symbols(path) -> dict[str, int]:
+    """The symbol table of a guest ELF: name → address (where the tests read the guest's hidden state)."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as f:
+        sym = ELFFile(f).get_section_by_name(".symtab")
+        return {s.name: s["st_value"] for s in sym.iter_symbols()}
+
+
+def record_exact(kernel, out, *, regions=(), **opts) -> tuple:
+    """Record like `tracevisor record` (exact unless ``exact=False``) in this process; returns (stop info,
+    header, the guest memory ``regions`` [(gpa, len)] after the run, the machine's interrupt-model state)."""
+    from tracevisor import session
+
+    opts.setdefault("exact", True)
+    config = session.SessionConfig(kernel=str(kernel), quiet=True, **opts)
+    with session.build_record(config, str(out)) as s:
+        info = s.run()
+        irq = s.machine.irq.state() if s.machine.irq is not None else None
+        return info, s.writer.header, [s.machine.memory.read(a, n) for a, n in regions], irq
+
+
+def replay_memory(path, regions) -> tuple:
+    """Replay ``path`` in this process; returns (the ReplayResult, the guest memory ``regions`` after it,
+    the number of timer points the replay went through, or None without a scheduler)."""
+    from tracevisor.replay import Replayer
+
+    with Replayer(path) as r:
+        res = r.run()
+        sched = r.machine.sched
+        return res, [r.machine.memory.read(a, n) for a, n in regions], sched.timer_points if sched else None

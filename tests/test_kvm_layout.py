@@ -20,6 +20,7 @@ SIZES = {
     "kvm_enable_cap": 104, "kvm_mp_state": 4, "kvm_guest_debug": 72, "kvm_pit_config": 64,
     "kvm_vcpu_events": 64, "kvm_debugregs": 128, "kvm_run_exit": 256, "kvm_sync_regs": 520,
     "kvm_xsave": 4096, "kvm_xcr": 16, "kvm_xcrs": 392,
+    "kvm_interrupt": 4, "kvm_msr_filter_range": 24, "kvm_msr_filter": 392, "kvm_run_msr": 24,
 }
 
 # (struct, field path) -> offset
@@ -41,6 +42,8 @@ OFFSETS = {
     ("kvm_userspace_memory_region", "guest_phys_addr"): 8, ("kvm_userspace_memory_region", "userspace_addr"): 24,
     ("kvm_enable_cap", "args"): 8, ("kvm_guest_debug", "arch"): 8,
     ("kvm_sync_regs", "sregs"): 144, ("kvm_sync_regs", "events"): 456,
+    ("kvm_run_msr", "reason"): 8, ("kvm_run_msr", "index"): 12, ("kvm_run_msr", "data"): 16,
+    ("kvm_msr_filter_range", "base"): 8, ("kvm_msr_filter_range", "bitmap"): 16, ("kvm_msr_filter", "ranges"): 8,
 }
 
 # Names in <linux/kvm.h> for the anonymous members tracevisor gives names to
@@ -90,12 +93,14 @@ int main(void) {
   S(kvm_regs) S(kvm_segment) S(kvm_dtable) S(kvm_sregs) S(kvm_fpu) S(kvm_msr_entry) S(kvm_cpuid_entry2)
   S(kvm_userspace_memory_region) S(kvm_enable_cap) S(kvm_mp_state) S(kvm_guest_debug) S(kvm_pit_config)
   S(kvm_vcpu_events) S(kvm_debugregs) S(kvm_sync_regs) S(kvm_run) S(kvm_xsave) S(kvm_xcr) S(kvm_xcrs)
+  S(kvm_interrupt) S(kvm_msr_filter_range) S(kvm_msr_filter)
   O(kvm_run, exit_reason, "kvm_run.exit_reason") O(kvm_run, if_flag, "kvm_run.if_flag")
   O(kvm_run, immediate_exit, "kvm_run.immediate_exit") O(kvm_run, io, "kvm_run.exit")
   O(kvm_run, kvm_valid_regs, "kvm_run.kvm_valid_regs") O(kvm_run, s, "kvm_run.s")
   O(kvm_run, io.port, "kvm_run.io.port") O(kvm_run, io.data_offset, "kvm_run.io.data_offset")
   O(kvm_run, mmio.len, "kvm_run.mmio.len") O(kvm_run, internal.data, "kvm_run.internal.data")
   O(kvm_run, s.regs.regs.rip, "kvm_run.s.rip")
+  O(kvm_run, msr.index, "kvm_run.msr.index") O(kvm_run, msr.data, "kvm_run.msr.data")
   O(kvm_sregs, cr3, "kvm_sregs.cr3") O(kvm_fpu, mxcsr, "kvm_fpu.mxcsr")
   printf("ioctl KVM_RUN %lu\nioctl KVM_GET_SREGS %lu\nioctl KVM_SET_MSRS %lu\nioctl KVM_GET_VCPU_EVENTS %lu\n",
          (unsigned long)KVM_RUN, (unsigned long)KVM_GET_SREGS, (unsigned long)KVM_SET_MSRS,
@@ -104,6 +109,8 @@ int main(void) {
          (unsigned long)KVM_SET_GUEST_DEBUG, (unsigned long)KVM_GET_DEBUGREGS, (unsigned long)KVM_GET_TSC_KHZ);
   printf("ioctl KVM_GET_XSAVE %lu\nioctl KVM_SET_XSAVE %lu\nioctl KVM_GET_XCRS %lu\n",
          (unsigned long)KVM_GET_XSAVE, (unsigned long)KVM_SET_XSAVE, (unsigned long)KVM_GET_XCRS);
+  printf("ioctl KVM_INTERRUPT %lu\nioctl KVM_X86_SET_MSR_FILTER %lu\n",
+         (unsigned long)KVM_INTERRUPT, (unsigned long)KVM_X86_SET_MSR_FILTER);
   return 0;
 }
 """
@@ -130,6 +137,8 @@ def test_against_linux_headers(tmp_path):
         "kvm_run.mmio.len": 32 + _offset("kvm_run_mmio", "len"),
         "kvm_run.internal.data": 32 + _offset("kvm_run_internal", "data"),
         "kvm_run.s.rip": 304 + _offset("kvm_regs", "rip"),
+        "kvm_run.msr.index": 32 + _offset("kvm_run_msr", "index"),
+        "kvm_run.msr.data": 32 + _offset("kvm_run_msr", "data"),
         "kvm_sregs.cr3": _offset("kvm_sregs", "cr3"), "kvm_fpu.mxcsr": _offset("kvm_fpu", "mxcsr"),
     }
     seen = 0
@@ -143,4 +152,4 @@ def test_against_linux_headers(tmp_path):
         else:
             assert getattr(U, name) == value, name
         seen += 1
-    assert seen == 19 + 13 + 10
+    assert seen == 22 + 15 + 12

@@ -73,6 +73,8 @@ class VmConfig:
     fallback: str = "auto"  # instruction fallback (tracevisor/fallback.py): auto | on | off
     fallback_budget: int = 100_000  # instructions per fallback burst at most
     spin_hang_s: float = 5.0  # a running vCPU with IF=0 and no exit between watchdog probes this long: a hang
+    irq: str = "kernel"  # "kernel": KVM's irqchip (and PIT); "user": exact mode's models on virtual time
+    irq_tsc_khz: int | None = None  # replay: the recorded TSC rate for TSC-deadline conversions
 
     def validate(self) -> None:
         if not MIN_MEMORY <= self.memory <= MAX_MEMORY:
@@ -86,6 +88,8 @@ class VmConfig:
         if self.coalesce_console and self.cpus != 1:
             raise TracevisorError("--coalesce-console needs a single vCPU: KVM's coalesced-I/O ring does not "
                                   "say which vCPU wrote a byte")
+        if self.irq not in ("kernel", "user"):
+            raise TracevisorError(f"unknown interrupt model {self.irq!r:.40} (kernel or user)")
 
 
 class Machine:
@@ -145,6 +149,8 @@ class Machine:
         self.started_at = time.monotonic()
         if config.exact:
             self._setup_exact()
+        if self.irq is not None:
+            self.irq.register_ports(self.ports)
 
     def add_device(self, make: Callable[[DeviceContext], Device]) -> Device:
         """Attach a device built by ``make(context)`` (before boot); its state joins checkpoints."""
@@ -160,7 +166,10 @@ class Machine:
         vm.set_tss_addr(0xFFFB_D000)
         vm.set_memory_region(0, 0, cfg.memory, self.memory.host_address)
         self.irqchip = False
-        if self.caps["irqchip"]:
+        self.irq = None  # interrupts.Interrupts: the user-space interrupt path (exact mode)
+        if cfg.irq == "user":
+            self._setup_user_irq()
+        elif self.caps["irqchip"]:
             vm.create_irqchip()
             self.irqchip = True
             vm.enable_cap(U.KVM_CAP_X2APIC_API,
@@ -178,6 +187,27 @@ class Machine:
             ctx = hypercalls.Context(cpu, self.memory, None, self._cr3_getter(vcpu))
             self.vcpus.append(VcpuState(cpu, vcpu, ctx))
         self.tsc_khz = self.vcpus[0].vcpu.tsc_khz()
+        if self.irq is not None:
+            self.irq.tsc_khz = cfg.irq_tsc_khz if cfg.irq_tsc_khz is not None else self.tsc_khz
+
+    def _setup_user_irq(self) -> None:
+        """No in-kernel irqchip: the LAPIC page exits as MMIO, x2APIC MSRs and IA32_TSC_DEADLINE exit as MSR
+        accesses, HLT exits; tracevisor.interrupts answers them on virtual time."""
+        from . import apic
+        from .interrupts import Interrupts
+
+        vm = self.vm
+        msr_exits = self.kvm.check_extension(U.KVM_CAP_X86_USER_SPACE_MSR) and vm.enable_cap(
+            U.KVM_CAP_X86_USER_SPACE_MSR, U.KVM_MSR_EXIT_REASON_INVAL | U.KVM_MSR_EXIT_REASON_FILTER)
+        self.caps["user_space_msr"] = bool(msr_exits)
+        self.caps["msr_filter"] = False
+        if msr_exits and self.kvm.check_extension(U.KVM_CAP_X86_MSR_FILTER):
+            try:
+                vm.deny_msrs([(apic.MSR_TSC_DEADLINE, 1)])
+                self.caps["msr_filter"] = True
+            except TracevisorError:
+                pass
+        self.irq = Interrupts(self.config.cpus, pit=self.config.pit, log=lambda msg: self.log(msg))
 
     def _setup_ring(self) -> None:
         """Register the UART port as a coalesced PIO zone: its OUTs complete in the kernel and queue in a ring
@@ -216,7 +246,7 @@ class Machine:
         else:
             self.ndi = ndinsn.Patcher(ndinsn.scan_image(self.image).sites)
         self.ports.register(ndinsn.NDI_PORTS, out_handler=self._nd_exit)
-        if self.config.cpus > 1:
+        if self.config.cpus > 1 or self.irq is not None:  # (timer points need the kick machinery too)
             from .sched import Scheduler
 
             self.sched = Scheduler(self, self.config.schedule)
@@ -237,6 +267,8 @@ class Machine:
 
         ndinsn.emulate(site, regs, self.hostio, v.cpu,
                        lambda: v.vcpu.get_msrs([ndinsn.IA32_TSC_AUX]).get(ndinsn.IA32_TSC_AUX, 0))
+        if self.irq is not None and site.kind in ("rdtsc", "rdtscp"):
+            self.irq.tsc_seen(v.cpu, regs[ndinsn.RDX] << 32 | regs[ndinsn.RAX])
         ndinsn.REGS.pack_into(v.vcpu.run_mmap, ndinsn.SYNC_REGS_OFFSET, *regs)
         v.vcpu.run.kvm_dirty_regs |= U.KVM_SYNC_X86_REGS
         v.pending_regs = regs
@@ -271,6 +303,7 @@ class Machine:
             "memory": self.config.memory, "cpus": self.config.cpus,
             "cpuid": arch.cpuid_rows(self.cpuid),
             "irqchip": self.irqchip, "tsc_khz": self.tsc_khz,
+            "interrupts": self.irq.header() if self.irq is not None else {"model": "kernel"},
             "caps": self.caps,
         }
 
@@ -337,11 +370,18 @@ class Machine:
         dispatcher.fallback_state = self
         if self.config.fallback != "off":
             dispatcher.emulation_fallback = self._fallback_step
+        if self.irq is not None:
+            from . import apic
+
+            self.irq.bind(sink, self.clock)
+            dispatcher.mmio_regions.append((apic.BASE_GPA, apic.PAGE, self.irq.mmio))
+            dispatcher.msr_handler = self.irq.msr
+            dispatcher.hlt_parks = True
         # with a schedule, the scheduler decides when an AP first runs (uhyve's stagger, recorded)
         self.runner = VcpuRunner(dispatcher, self._stopping, self.stop, self.pause_requested,
                                  0.0 if self.sched is not None else self.config.stagger_s, sched=self.sched,
                                  native_loop=self._native_loop(), ring_offset=self.ring_offset,
-                                 exit_budget=self.exit_budget)
+                                 exit_budget=self.exit_budget, irq=self.irq)
         self.booted = True
 
     def _native_loop(self):

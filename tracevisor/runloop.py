@@ -108,6 +108,7 @@ class VcpuState:
         self.mem_countdown = 0  # exits until the next periodic memory hash (ExitDispatcher.mem_every)
         self.spin_since: float | None = None  # monotonic time of the first probe that saw IF=0 (watchdog)
         self.spin_rip = 0
+        self.irq_queued = False  # an interrupt was injected (KVM_INTERRUPT) and KVM has not entered since
 
 
 class Ports:
@@ -162,6 +163,8 @@ class Exit:
     event_type: int = 0
     # KVM_EXIT_DEBUG
     debug: dict | None = None
+    # KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR: the kvm_run.msr view (index, data; answers go there)
+    msr: object = None
 
 
 def decode(run, mm, reason: int, rip: int) -> Exit:
@@ -188,6 +191,8 @@ def _decode(run, mm, reason: int, rip: int) -> Exit:
         return Exit(reason, rip, hardware_reason=run.exit.fail_entry.hardware_entry_failure_reason)
     if reason == U.KVM_EXIT_SYSTEM_EVENT:
         return Exit(reason, rip, event_type=run.exit.system_event.type)
+    if reason == U.KVM_EXIT_X86_RDMSR or reason == U.KVM_EXIT_X86_WRMSR:
+        return Exit(reason, rip, msr=run.exit.msr)
     if reason == U.KVM_EXIT_DEBUG:
         d = run.exit.debug
         return Exit(reason, rip, debug={"pc": d.pc, "rip": rip, "dr6": d.dr6, "dr7": d.dr7,
@@ -222,6 +227,13 @@ class ExitDispatcher:
         ports.register((hypercalls.UART_PORT,), out_handler=self.uart)
         #: debug exits the VM itself uses (exact mode's debug-register sites): hook(v, exit) → True if served
         self.debug_hook: Callable[[VcpuState, Exit], bool] | None = None
+        #: MMIO served by a model (exact mode's LAPIC page): (base, size, handler(v, addr, write, data) → bytes)
+        self.mmio_regions: list[tuple[int, int, Callable[[VcpuState, int, bool, bytes], bytes]]] = []
+        #: MSR accesses KVM hands to user space: handler(v, write, index, value) → value read, None for #GP
+        self.msr_handler: Callable[[VcpuState, bool, int, int], int | None] | None = None
+        #: HLT with interrupts off parks the vCPU instead of stopping the VM (exact mode without an in-kernel
+        #: irqchip, where every HLT exits: the VM hangs only when no vCPU can run, tracevisor.interrupts)
+        self.hlt_parks = False
         #: exit reason → handler(v, exit); the exit row is traced before the handler runs (port I/O
         #: traces each access itself; debug exits belong to the debugger and are not traced)
         self.handlers: dict[int, Callable[[VcpuState, Exit], None]] = {
@@ -233,6 +245,8 @@ class ExitDispatcher:
             U.KVM_EXIT_SYSTEM_EVENT: self.system_event,
             U.KVM_EXIT_INTR: self.ignore,
             U.KVM_EXIT_IRQ_WINDOW_OPEN: self.ignore,
+            U.KVM_EXIT_X86_RDMSR: self.msr,
+            U.KVM_EXIT_X86_WRMSR: self.msr,
         }
 
     def dispatch(self, v: VcpuState, e: Exit) -> None:
@@ -330,6 +344,9 @@ class ExitDispatcher:
         raise VmStop(StopInfo.paused(f"debug stop at {d.get('pc', e.rip):#x}", cpu=v.cpu, report={"debug": d}))
 
     def hlt(self, v: VcpuState, e: Exit) -> None:
+        if not e.if_flag and self.hlt_parks:  # user-space interrupts: the scheduler leaves it parked
+            v.parked = True
+            return
         if not e.if_flag:
             raise VmStop(self.reporter.fault(v, StopReason.HANG, f"vCPU {v.cpu} halted with interrupts disabled "
                                              "(hlt after cli): it can never continue"))
@@ -340,6 +357,16 @@ class ExitDispatcher:
         addr, write = e.addr, e.is_write
         length = min(e.length, 8)
         buf = e.mmio_data
+        for base, size, handler in self.mmio_regions:
+            if base <= addr < base + size:
+                data = handler(v, addr, write, bytes(buf[:length]))
+                if not write:
+                    for i in range(length):
+                        buf[i] = data[i]
+                if self.sink is not None:
+                    self.sink.event("mmio", v.cpu, self.clock.now(), addr=addr, len=length, data=bytes(data[:length]),
+                                    write=write)
+                return
         if not write:
             for i in range(length):
                 buf[i] = 0xFF
@@ -349,6 +376,22 @@ class ExitDispatcher:
         if self.reporter.first_note("mmio", addr):
             self.log(f"vCPU {v.cpu} {'wrote' if write else 'read'} {length} bytes at {addr:#x}, "
                      f"outside guest RAM (rip {e.rip:#x}); " + ("ignored" if write else "answered all-ones"))
+
+    def msr(self, v: VcpuState, e: Exit) -> None:
+        """An MSR access KVM could not serve (exact mode: x2APIC registers, the TSC deadline): the model
+        answers it, or the guest gets the #GP KVM would have given it."""
+        m = e.msr
+        write = e.reason == U.KVM_EXIT_X86_WRMSR
+        index, value = m.index, m.data if write else 0
+        got = self.msr_handler(v, write, index, value) if self.msr_handler is not None else None
+        m.error = 1 if got is None else 0
+        if not write and got is not None:
+            m.data = value = got
+        if self.sink is not None:
+            self.sink.event("msr", v.cpu, self.clock.now(), index=index, data=value, write=write, gp=got is None)
+        if got is None and self.reporter.first_note("msr", index):
+            self.log(f"vCPU {v.cpu} {'wrote' if write else 'read'} MSR {index:#x} (rip {e.rip:#x}), which nothing "
+                     "emulates; the guest gets #GP")
 
     def shutdown(self, v: VcpuState, e: Exit) -> None:
         raise VmStop(self.reporter.fault(v, StopReason.FAULT,
@@ -406,8 +449,9 @@ class VcpuRunner:
     def __init__(self, dispatcher: ExitDispatcher, stopping: threading.Event,
                  stop: Callable[[StopInfo], None], paused: Callable[[], bool], stagger_s: float,
                  sched=None, native_loop: Callable[[VcpuRunner, VcpuState], None] | None = None,
-                 ring_offset: int = 0, exit_budget: Callable[[VcpuState], int] | None = None) -> None:
+                 ring_offset: int = 0, exit_budget: Callable[[VcpuState], int] | None = None, irq=None) -> None:
         self.sched = sched  # exact mode, several vCPUs: the token and schedule (tracevisor/sched.py)
+        self.irq = irq  # exact mode: user-space interrupt controllers on virtual time (tracevisor/interrupts.py)
         self.dispatcher = dispatcher
         self.stopping = stopping
         self.stop = stop
@@ -475,7 +519,7 @@ class VcpuRunner:
         """The hot loop.  Everything per exit is a local lookup."""
         # The C loop (tracevisor/fastloop.py); below, the pure-Python one, which also serves exact mode's
         # serialized vCPUs: their schedule acts before and after every exit, UART exits included.
-        if self.native_loop is not None and self.sched is None:
+        if self.native_loop is not None and self.sched is None and self.irq is None:
             return self.native_loop(self, v)
         mm = v.vcpu.run_mmap
         if len(mm) < _EXIT.size:
@@ -513,9 +557,14 @@ class VcpuRunner:
         sched = self.sched
         ring = bool(self.ring_offset)
         uart_port = hypercalls.UART_PORT
+        irq = self.irq
         while True:
             if sched is not None and not sched.wait_turn(v):
                 return
+            if irq is not None:
+                hang = irq.enter(v)
+                if hang is not None:
+                    raise VmStop(d.reporter.fault(v, StopReason.HANG, hang))
             if kvm_run(fd, KVM_RUN, 0) < 0:
                 err = get_errno()
                 if err == errno.EINTR or err == errno.EAGAIN:
@@ -523,6 +572,8 @@ class VcpuRunner:
                         return
                     continue
                 self.kvm_run_failed(v, err)
+            if irq is not None:
+                v.irq_queued = False
             reason, direction, size, port, count, data_offset, rip, data = unpack(mm, 8)
             v.spin_since = None  # an exit: not a spin without exits (the watchdog's probe starts it again)
             if ring:  # --coalesce-console: the queued UART bytes come before this exit
@@ -553,6 +604,8 @@ class VcpuRunner:
                 continue  # the replay's schedule seeking a recorded kick point: not a guest exit
             else:
                 dispatch(v, decode(run, mm, reason, rip))
+            if irq is not None:
+                irq.after_exit(v, reason)
             if sched is not None:
                 sched.after_exit(v, reason)
             if periodic is not None:

@@ -22,6 +22,16 @@ while memory changes, the first match is taken: such an ambiguity shows up as a 
 
 While a vCPU does not hold the token it waits outside KVM_RUN, so interrupts other vCPUs send it (IPIs
 through the in-kernel LAPIC) are delivered at its next entry — a point the schedule fixes.
+
+**Timer points** (exact mode's user-space interrupt path, :mod:`tracevisor.interrupts`, any number of
+vCPUs).  When a timer of the holder falls due while it runs without exits, the recorder kicks it and
+records the point like a kick (``why="timer"``, ``next`` = the same vCPU, RIP and digest); virtual time
+jumps to the deadline there and the interrupt is injected before the vCPU re-enters.  The replay finds
+the point as it finds a kick point.  An interrupt that is pending while the guest has interrupts off
+waits for the next exit with interrupts on; when none comes within :data:`BLOCKED_S` the recorder kicks
+again and records that point (``why="irq"``: no time jump, the interrupt is offered there).  The same
+ambiguity applies: in a loop that repeats its registers
+while memory changes, the first matching hit is taken.
 """
 
 from __future__ import annotations
@@ -33,9 +43,12 @@ import zlib
 
 from .errors import Divergence, TracevisorError
 from .kvm import uapi as U
+from .status import StopReason
 
 SLICE_EXITS = 2000
 QUANTUM_S = 0.005
+SEEK_LIMIT_S = 60.0  # replay: host time after which a recorded point not reached is a divergence
+BLOCKED_S = 0.0005  # record: an interrupt waiting this long for interrupts to be enabled gets a kick point
 SYNC_REGS = slice(304, 304 + 144)
 RIP_OFFSET = 432
 DR_SLOT = 3  # DR0–DR2 are left to the debug-register fallback of ndinsn
@@ -59,11 +72,18 @@ class Scheduler:
         self.count = 0  # exits of the holder in the current slice
         self.since = time.monotonic()
         self.kick_pending = False
+        self.seek_started = 0.0
         self.seeking: tuple[int, int] | None = None  # replay: (rip, digest) of the kick point sought
         self.armed = False
         self.stepping = False
         self.switches = 0
         self.hits = 0  # replay: breakpoint hits on kick RIPs (matching or not)
+        self.irq = getattr(machine, "irq", None)  # exact mode's user-space interrupts (timer points)
+        self.kick_why: str | None = None  # record: why the pending kick was sent ("kick" or "timer")
+        self.timer_points = 0
+        self.pending_point: int | None = None  # record: a timer kick's RIP, armed in DR3 (hit at once)
+        self.point_why = "timer"
+
         self._timer: threading.Thread | None = None
         self._base_debug: list[int] = [0] * 8
         self._base_control = 0
@@ -99,6 +119,9 @@ class Scheduler:
         """Count an exit of the holder; pass the token at a slice end."""
         self.count += 1
         if self.recording:
+            if self.pending_point is not None:  # an exit instead of the breakpoint: no point; kicked again later
+                self.pending_point = None
+                self._arm(v, False)
             if reason == U.KVM_EXIT_HLT or self.count >= SLICE_EXITS:
                 self._switch(v, "hlt" if reason == U.KVM_EXIT_HLT else "slice")
         else:
@@ -113,12 +136,29 @@ class Scheduler:
         mm = v.vcpu.run_mmap
         rip = int.from_bytes(mm[RIP_OFFSET:RIP_OFFSET + 8], "little")
         if self.recording:
+            if self.kick_why in ("timer", "irq"):
+                if not getattr(v, "irq_queued", False):
+                    # (an interrupt injected but not yet delivered would run before the instruction at rip:
+                    # the point is taken at the next kick instead.)  The point is taken at the breakpoint
+                    # hit DR3 gives at once on the current instruction — the way a replay reaches it, so
+                    # that KVM sees the same sequence (a debug exit, then the interrupt) in both.
+                    self.pending_point = rip
+                    self.point_why = self.kick_why
+                    self._arm(v, True, rip)
+                return
             self._switch(v, "kick", rip, digest(mm))
         elif self.seeking is not None and (rip, digest(mm)) == self.seeking:
             self._reached(v)
 
     def on_debug(self, v, pc: int) -> bool:
         """A breakpoint or single-step exit: True if it was the scheduler's (the run loop then continues)."""
+        if self.recording:
+            if self.pending_point is None or pc != self.pending_point:
+                return False
+            self.pending_point = None
+            self._arm(v, False)
+            self._timer_point(v, pc, digest(v.vcpu.run_mmap), self.point_why)
+            return True
         if self.stepping:  # stepped over a non-matching hit: put the breakpoint back
             self.stepping = False
             self._arm(v, self.seeking is not None)
@@ -138,11 +178,18 @@ class Scheduler:
     def _pick(self, cpu: int) -> int:
         vs = self.m.vcpus
         now = time.monotonic() - self.m.started_at
+        irq = self.irq
         for k in range(1, len(vs) + 1):
             c = (cpu + k) % len(vs)
             v = vs[c]
-            if c != cpu and not v.finished and now >= c * self.m.config.stagger_s:
+            if c != cpu and not v.finished and now >= c * self.m.config.stagger_s and (irq is None or irq.runnable(c)):
                 return c
+        if irq is not None and not irq.runnable(cpu):
+            # everyone is halted: the vCPU whose timer expires first wakes first (virtual time jumps there)
+            waking = [(irq.deadline_for(c), c) for c, v in enumerate(vs)
+                      if not v.finished and now >= c * self.m.config.stagger_s and irq.deadline_for(c) is not None]
+            if waking:
+                return min(waking)[1]
         return cpu
 
     def _switch(self, v, why: str, rip: int | None = None, dig: int | None = None) -> None:
@@ -155,6 +202,20 @@ class Scheduler:
         if self.m.sink is not None:
             self.m.sink.event("sched", v.cpu, self.m.clock.now(), **fields)
         self._give(nxt)
+
+    def _timer_point(self, v, rip: int, dig: int, why: str) -> None:
+        """Record: a timer of ``v`` falls due here (``timer``: virtual time jumps to its deadline), or an
+        interrupt that waited for interrupts to be enabled is offered again (``irq``)."""
+        fields = {"n": self.count, "next": v.cpu, "why": why, "rip": rip, "digest": dig}
+        if self.m.sink is not None:
+            self.m.sink.event("sched", v.cpu, self.m.clock.now(), **fields)
+        self.timer_points += 1
+        self.count = 0
+        self.since = time.monotonic()
+        if why == "timer":
+            self.irq.timer_kick(v.cpu)
+        elif self.irq.blocked[v.cpu]:
+            self.irq.blocked[v.cpu] = time.monotonic()  # still blocked after this point: wait again
 
     def _give(self, nxt: int) -> None:
         with self.cond:
@@ -178,11 +239,14 @@ class Scheduler:
             if self.count > e["n"]:
                 raise Divergence(f"vCPU {self.holder} made more exits ({self.count}) than in its recorded "
                                  f"slice ({e['n']})", kind="sched", seq=e.get("seq"))
-            if e.get("why") == "kick":
+            if e.get("why") in ("kick", "timer", "irq") and e.get("rip") is not None:
                 self.seeking = (int(e["rip"]), int(e["digest"]))
-                self.since = time.monotonic()
+                self.since = self.seek_started = time.monotonic()
                 return
             self.i += 1
+            if e.get("why") in ("timer", "irq"):
+                self._replay_timer(e)
+                continue
             self._give(int(e["next"]))
 
     def _reached(self, v) -> None:
@@ -190,30 +254,73 @@ class Scheduler:
         self.seeking = None
         self._arm(v, False)
         self.i += 1
+        if e.get("why") in ("timer", "irq"):
+            self._replay_timer(e)
+            self._check_entry()
+            return
         self._give(int(e["next"]))
 
-    def _arm(self, v, on: bool) -> None:
+    def _replay_timer(self, e: dict) -> None:
+        if self.irq is None:
+            raise Divergence("the recording has timer points but this replay has no user-space interrupt "
+                             "controller", kind="sched", seq=e.get("seq"))
+        self.timer_points += 1
+        self.count = 0
+        self.since = time.monotonic()
+        if e.get("why") == "timer":
+            self.irq.timer_kick(self.holder)
+
+    def _arm(self, v, on: bool, rip: int | None = None) -> None:
         regs = list(self._base_debug)
         control = self._base_control
         if on:
-            regs[DR_SLOT] = self.seeking[0]
+            regs[DR_SLOT] = self.seeking[0] if rip is None else rip
             regs[7] |= 1 << (2 * DR_SLOT)
             control = U.KVM_GUESTDBG_ENABLE | U.KVM_GUESTDBG_USE_HW_BP
         v.vcpu.set_guest_debug(control, regs)
         self.armed = on
 
     def _tick(self) -> None:
-        """Kick a holder that has run QUANTUM_S without a switch point (record), or that may sit halted
-        at the sought point (replay)."""
+        """Kick a holder that has run QUANTUM_S without a switch point or whose timer is due (record), or
+        that may sit halted at the sought point (replay)."""
         stopping = self.m._stopping
-        while not stopping.wait(QUANTUM_S / 2):
-            if time.monotonic() - self.since < QUANTUM_S or self.kick_pending:
+        wait = QUANTUM_S / 2
+        several = len(self.m.vcpus) > 1
+        while not stopping.wait(wait):
+            wait = QUANTUM_S / 2
+            if self.kick_pending:
                 continue
-            if not self.recording and self.seeking is None:
+            now = time.monotonic()
+            why = None
+            if self.recording:
+                if self.irq is not None and self.pending_point is None:
+                    due = self.irq.host_due(self.holder)
+                    blocked = self.irq.blocked[self.holder]
+                    if blocked and now - blocked >= BLOCKED_S:
+                        why = "irq"
+                    elif due is not None:
+                        if now >= due:
+                            why = "timer"
+                        else:
+                            wait = min(wait, max(due - now, 0.0001))
+                    if blocked and why is None:
+                        wait = min(wait, BLOCKED_S)
+                if why is None and several and now - self.since >= QUANTUM_S:
+                    why = "kick"
+            elif self.seeking is not None and now - self.since >= QUANTUM_S:
+                why = "seek"
+                if now - self.seek_started > SEEK_LIMIT_S:  # a point that never comes: say so, do not spin
+                    v = self.m.vcpus[self.holder]
+                    v.stop_request = (StopReason.DIVERGED, f"replay diverged on vCPU {self.holder}: the recorded "
+                                      f"{self.schedule[self.i].get('why')} point (rip {self.seeking[0]:#x}, digest "
+                                      f"{self.seeking[1]:#010x}) was not reached in {SEEK_LIMIT_S:g} s "
+                                      f"({self.hits} breakpoint hits at that rip with other registers)")
+            if why is None:
                 continue
             v = self.m.vcpus[self.holder]
             if v.thread is None or not v.running:
                 continue
+            self.kick_why = why
             self.kick_pending = True
             self.since = time.monotonic()
             v.vcpu.run.immediate_exit = 1

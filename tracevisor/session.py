@@ -76,6 +76,8 @@ class SessionConfig:
     fallback: str = "auto"  # instruction fallback (tracevisor/fallback.py): auto | on | off
     fallback_budget: int = 100_000  # instructions per fallback burst at most
     spin_hang_s: float = 5.0  # a running vCPU with interrupts off this long is reported as a hang
+    irq: str | None = None  # interrupt model: "kernel" or "user"; None = "user" in exact mode, else "kernel"
+    irq_tsc_khz: int | None = None  # replay: the recorded TSC rate of the user-space TSC-deadline timer
 
     def __post_init__(self) -> None:
         self.kernel = os.fspath(self.kernel)
@@ -93,7 +95,15 @@ class SessionConfig:
                         cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s, exact=self.exact,
                         nd_sites=self.nd_sites, schedule=self.schedule, coalesce_console=self.coalesce_console,
                         fallback=self.fallback, fallback_budget=self.fallback_budget,
-                        spin_hang_s=self.spin_hang_s)
+                        spin_hang_s=self.spin_hang_s, irq=self.interrupt_model(),
+                        irq_tsc_khz=self.irq_tsc_khz)
+
+    def interrupt_model(self) -> str:
+        """Exact recordings take interrupts from user-space models on virtual time (docs/determinism.md);
+        everything else uses KVM's in-kernel irqchip."""
+        if self.irq is not None:
+            return self.irq
+        return "user" if self.exact else "kernel"
 
     def validate(self) -> None:
         """Every problem of the configuration itself as one TracevisorError (kernel and mounts excepted)."""
@@ -102,6 +112,8 @@ class SessionConfig:
 
             parse_net_spec(self.net)
         self.vm_config().validate()
+        if self.interrupt_model() == "user" and not self.exact:
+            raise TracevisorError("the user-space interrupt model belongs to exact mode")
         if self.timeout is not None and not (0 < self.timeout < float("inf")):  # also refuses nan
             raise TracevisorError(f"--timeout {self.timeout}: must be a positive number of seconds")
         if self.fallback not in ("auto", "on", "off"):
@@ -168,9 +180,12 @@ def trace_header(config: SessionConfig, image: KernelImage, machine: Machine, sa
                  "python": platform.python_version(), "tsc_khz": desc["tsc_khz"],
                  "irqchip": desc["irqchip"], "caps": desc["caps"]},
         "mode": "exact" if config.exact else "parallel",
+        "interrupts": desc["interrupts"],
         "determinism": {"rdrand_hidden": config.hide_rdrand, "rdseed_hidden": config.hide_rdrand,
                         "notes": ("RDTSC/RDTSCP/RDRAND/RDSEED sites patched and their values recorded; "
-                                  "one vCPU at a time, schedule recorded" if config.exact else
+                                  "one vCPU at a time, schedule recorded; LAPIC timer" +
+                                  (" and PIT" if config.pit else "") + " emulated on virtual time, interrupts "
+                                  "injected at recorded points" if config.exact else
                                   "RDRAND/RDSEED hidden in CPUID; TSC reads are not recorded; vCPUs run in "
                                   "parallel") + " (docs/determinism.md)"},
         "options": {"verbose": config.verbose, "pit": config.pit, "timeout": config.timeout,
@@ -203,6 +218,9 @@ def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig
     determinism = header.get("determinism") or {}
     exact = header.get("mode") == "exact"
     fb = header.get("fallback") if isinstance(header.get("fallback"), dict) else {}
+    interrupts = header.get("interrupts") if isinstance(header.get("interrupts"), dict) else {}
+    irq = "user" if exact and interrupts.get("model") == "user" else "kernel"  # older traces: KVM's irqchip
+    tsc_khz = interrupts.get("tsc_khz") if irq == "user" else None
     return SessionConfig(
         kernel=kernel or host_str(kinfo.get("path") or ""), args=argv[1:], memory=int(header["memory"]),
         cpus=int(header["cpus"]), mounts=mounts, env=[host_str(e) for e in header.get("env") or []],
@@ -212,7 +230,8 @@ def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig
         exact=exact, nd_sites=header.get("exact") if exact else None,
         coalesce_console=opts.get("coalesce_console") is True,
         fallback=str(fb.get("mode", "auto")), fallback_budget=int(fb.get("budget", 100_000)),
-        spin_hang_s=float(opts.get("spin_hang_s", 5.0)))
+        spin_hang_s=float(opts.get("spin_hang_s", 5.0)), irq=irq,
+        irq_tsc_khz=int(tsc_khz) if isinstance(tsc_khz, int) else None)
 
 
 # -- sessions ------------------------------------------------------------------------------------------
@@ -462,7 +481,7 @@ def replay_kernel(header: dict, path: str, kernel: str | None = None, force: boo
 
     replay_mode(header, path, mode)
     config = config_from_header(header, kernel)
-    if config.exact and config.cpus > 1:
+    if config.exact and (config.cpus > 1 or config.irq == "user"):
         from .sched import load_schedule
 
         config.schedule = load_schedule(path)

@@ -154,6 +154,18 @@ class Vm:
         except OSError:
             return False
 
+    def deny_msrs(self, ranges: list[tuple[int, int]]) -> None:
+        """KVM_X86_SET_MSR_FILTER: reads and writes of the MSRs in ``ranges`` ([(first, count)], at most 16)
+        exit to user space (with KVM_CAP_X86_USER_SPACE_MSR's FILTER reason); every other MSR stays KVM's."""
+        flt = U.kvm_msr_filter(flags=0)  # KVM_MSR_FILTER_DEFAULT_ALLOW
+        bitmaps = []
+        for i, (base, n) in enumerate(ranges):
+            bm = C.create_string_buffer((n + 7) // 8)  # all zero: every MSR of the range denied
+            bitmaps.append(bm)
+            flt.ranges[i] = U.kvm_msr_filter_range(flags=U.KVM_MSR_FILTER_READ | U.KVM_MSR_FILTER_WRITE,
+                                                   nmsrs=n, base=base, bitmap=C.addressof(bm))
+        _ioctl(self.fd, U.KVM_X86_SET_MSR_FILTER, flt, "KVM_X86_SET_MSR_FILTER")
+
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         fd = _ioctl(self.fd, U.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
         vcpu = Vcpu(self, vcpu_id, fd, self.kvm.vcpu_mmap_size())
@@ -273,6 +285,11 @@ class Vcpu:
 
     def set_lapic(self, st: U.kvm_lapic_state) -> None:
         _ioctl(self.fd, U.KVM_SET_LAPIC, st, "KVM_SET_LAPIC")
+
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT: deliver external interrupt ``vector`` at the next entry (only without an in-kernel
+        irqchip, and only when kvm_run.ready_for_interrupt_injection says the guest can take it)."""
+        _ioctl(self.fd, U.KVM_INTERRUPT, U.kvm_interrupt(irq=vector), "KVM_INTERRUPT")
 
     def set_guest_debug(self, control: int, debugregs: list[int] | None = None) -> None:
         dbg = U.kvm_guest_debug(control=control)

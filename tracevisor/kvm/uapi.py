@@ -199,6 +199,21 @@ class kvm_debugregs(Struct):
 # kvm_run and its exit-information union --------------------------------------------------------
 
 
+class kvm_interrupt(Struct):
+    _fields_ = [("irq", u32)]
+
+
+class kvm_msr_filter_range(Struct):
+    _fields_ = [("flags", u32), ("nmsrs", u32), ("base", u32), ("pad", u32), ("bitmap", u64)]
+
+
+KVM_MSR_FILTER_MAX_RANGES = 16
+
+
+class kvm_msr_filter(Struct):
+    _fields_ = [("flags", u32), ("pad", u32), ("ranges", kvm_msr_filter_range * KVM_MSR_FILTER_MAX_RANGES)]
+
+
 class kvm_run_io(Struct):
     _fields_ = [("direction", u8), ("size", u8), ("port", u16), ("count", u32), ("data_offset", u64)]
 
@@ -224,11 +239,16 @@ class kvm_run_system_event(Struct):
     _fields_ = [("type", u32), ("ndata", u32), ("data", u64 * 16)]
 
 
+class kvm_run_msr(Struct):
+    # KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR (KVM_CAP_X86_USER_SPACE_MSR): error = 1 makes KVM inject #GP
+    _fields_ = [("error", u8), ("pad", u8 * 7), ("reason", u32), ("index", u32), ("data", u64)]
+
+
 class kvm_run_exit(C.Union):
     _fields_ = [
         ("io", kvm_run_io), ("mmio", kvm_run_mmio), ("fail_entry", kvm_run_fail_entry),
         ("internal", kvm_run_internal), ("debug", kvm_run_debug),
-        ("system_event", kvm_run_system_event), ("padding", u8 * 256),
+        ("system_event", kvm_run_system_event), ("msr", kvm_run_msr), ("padding", u8 * 256),
     ]
 
 
@@ -271,6 +291,7 @@ KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_CREATE_PIT2 = _iow(0x77, kvm_pit_config)
 
 KVM_RUN = _io(0x80)
+KVM_INTERRUPT = _iow(0x86, kvm_interrupt)
 KVM_GET_REGS = _ior(0x81, kvm_regs)
 KVM_SET_REGS = _iow(0x82, kvm_regs)
 KVM_GET_SREGS = _ior(0x83, kvm_sregs)
@@ -295,6 +316,7 @@ KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_GET_XSAVE = _ior(0xA4, kvm_xsave)
 KVM_SET_XSAVE = _iow(0xA5, kvm_xsave)
 KVM_GET_XCRS = _ior(0xA6, kvm_xcrs)
+KVM_X86_SET_MSR_FILTER = _iow(0xC6, kvm_msr_filter)
 
 KVM_API_VERSION = 12
 
@@ -310,6 +332,15 @@ KVM_CAP_SYNC_REGS = 74
 KVM_CAP_X2APIC_API = 129
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_COALESCED_PIO = 162
+KVM_CAP_X86_USER_SPACE_MSR = 188
+KVM_CAP_X86_MSR_FILTER = 189
+
+# KVM_CAP_X86_USER_SPACE_MSR: which failing MSR accesses exit to user space (kvm_run.msr.reason)
+KVM_MSR_EXIT_REASON_INVAL = 1 << 0  # an access KVM would answer with #GP (x2APIC MSRs without an in-kernel LAPIC)
+KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2  # denied by KVM_X86_SET_MSR_FILTER
+KVM_MSR_FILTER_READ = 1 << 0
+KVM_MSR_FILTER_WRITE = 1 << 1
 
 KVM_X2APIC_API_USE_32BIT_IDS = 1 << 0
 KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK = 1 << 1
@@ -350,6 +381,8 @@ KVM_EXIT_TPR_ACCESS = 12
 KVM_EXIT_NMI = 16
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_X86_RDMSR = 29
+KVM_EXIT_X86_WRMSR = 30
 
 EXIT_REASON_NAMES: dict[int, str] = {
     0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",

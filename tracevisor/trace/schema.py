@@ -272,12 +272,36 @@ KINDS: dict[str, Kind] = {
             required=(
                 Field("n", "int", "exits `cpu` made in the slice that ends here"),
                 Field("next", "int", "the vCPU that runs next"),
-                Field("why", "str", "\"slice\" (exit budget), \"hlt\" (a HLT exit) or \"kick\" (preempted "
-                                    "between exits)"),
+                Field("why", "str", "\"slice\" (exit budget), \"hlt\" (a HLT exit), \"kick\" (preempted "
+                                    "between exits), \"timer\" (a timer of `cpu` falls due here: virtual time "
+                                    "jumps to its deadline; `next` is `cpu`) or \"irq\" (an interrupt that waited "
+                                    "for interrupts to be enabled is offered here; `next` is `cpu`)"),
             ),
             optional=(
-                Field("rip", "int", "kick: RIP where the vCPU was preempted"),
-                Field("digest", "int", "kick: CRC-32 of the 144-byte struct kvm_regs at that point"),
+                Field("rip", "int", "kick, timer, irq: RIP where the vCPU was stopped"),
+                Field("digest", "int", "kick, timer, irq: CRC-32 of the 144-byte struct kvm_regs at that point"),
+            ),
+        ),
+        Kind(
+            "irq",
+            "Exact mode's user-space interrupt path: an interrupt injected into `cpu` before it re-entered the "
+            "guest (docs/determinism.md). Follows the exit it was injected after; replay compares it.",
+            required=(
+                Field("vector", "int", "the vector injected (KVM_INTERRUPT)"),
+                Field("src", "str", "\"lapic\" (timer, IPI) or \"pic\" (the PIT's IRQ 0 with --pit)"),
+                Field("n", "int", "exits `cpu` had made when it was injected"),
+                Field("vt", "int", "virtual time, ns (advances per exit, jumps at HLT and timer points)"),
+            ),
+        ),
+        Kind(
+            "msr",
+            "An MSR access KVM handed to user space (exact mode: x2APIC registers, IA32_TSC_DEADLINE); follows "
+            "its exit row.",
+            required=(
+                Field("index", "int", "MSR number"),
+                Field("data", "int", "the value written, or returned to the guest"),
+                Field("write", "bool", "true for WRMSR"),
+                Field("gp", "bool", "true when nothing emulates it and the guest got #GP"),
             ),
         ),
         Kind(
@@ -442,6 +466,9 @@ HEADER_FIELDS: tuple[Field, ...] = (
     Field("host", "map", "`{uname: str, kvm_api: int, python: str, tsc_khz: int, irqchip: bool, caps: map}` "
                          "(caps: the KVM capabilities the run used, e.g. sync_regs, irqchip, immediate_exit)"),
     Field("determinism", "map", "`{notes: str or list of str, ...}`: what may differ when the run is replayed"),
+    Field("interrupts", "map", "`{model: \"kernel\"}` (KVM's irqchip) or, in exact mode, `{model: \"user\", exit_ns: int, "
+                               "pit: bool, tsc_khz: int}`: the user-space LAPIC/PIT on virtual time; absent in older "
+                               "traces (KVM's irqchip)"),
     Field("options", "map", "free-form recorder options"),
     Field("digests", "bool", "true when the exit rows carry register digests (format 2.x recorder); replay "
                              "compares them only then"),
