@@ -56,8 +56,10 @@ class Interrupts:
         self.tsc = [(0, 0)] * cpus  # per vCPU: (vt, TSC) of its last recorded RDTSC answer
         self.tsc_khz = tsc_khz
         self.pit = Pit() if pit else None
-        self.pic = Pic() if pit else None
-        self.pic2 = Pic() if pit else None
+        # The 8259 pair is always there, as on any PC (and in KVM's in-kernel irqchip): kernels remap and mask
+        # it at boot even when they never use it.  Only the PIT needs --pit.
+        self.pic = Pic()
+        self.pic2 = Pic()
         self.host_mark = time.monotonic()  # host time of the last exit (record: when is a tick due?)
         self.next_due: int | None = None  # the earliest deadline of all timers (cache)
         self.injected = 0
@@ -254,12 +256,11 @@ class Interrupts:
         for c in targets:
             self.lapics[c].accept(ipi.vector)
 
-    # -- ports (--pit) --------------------------------------------------------------------------------------
+    # -- ports: the PIC pair always, the PIT with --pit ------------------------------------------------------
     def register_ports(self, ports) -> None:
-        if self.pit is None:
-            return
-        ports.register(PIT_PORTS, lambda v, port, size, value: self._pit_write(port, value),
-                       lambda v, port, size: self.pit.read(port, self.vt))
+        if self.pit is not None:
+            ports.register(PIT_PORTS, lambda v, port, size, value: self._pit_write(port, value),
+                           lambda v, port, size: self.pit.read(port, self.vt))
         ports.register(PIC_PORTS, lambda v, port, size, value: self._pic(port).write(not port & 1, value),
                        lambda v, port, size: self._pic(port).read(not port & 1))
 
