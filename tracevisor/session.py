@@ -212,10 +212,13 @@ def _guest_cpuid(rows: list[list[int]]) -> dict | None:
     with a warning when the probe guest cannot run."""
     from .cpuprobe import guest_cpuid
 
+    if signals.pending() is not None:  # the recording will not start: no probe, no warning
+        return None
     try:
         return guest_cpuid(rows)
     except TracevisorError as e:
-        _warn(f"guest CPUID not probed: {e}")
+        if signals.pending() is None:
+            _warn(f"guest CPUID not probed: {e}")
         return None
 
 
