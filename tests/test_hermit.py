@@ -58,8 +58,8 @@ def test_fallback_off_names_the_instruction():
 
 def test_record_and_replay_hello_world(tmp_path):
     """The recording holds the fallback's bursts and what the guest saw in CPUID; the replay either verifies
-    or diverges (on this host it diverges at a memory check: LAPIC timer interrupts are not yet replayed at
-    exact points, docs/determinism.md) — never silently."""
+    or diverges (on this host it diverges at a memory check after its first write, cause not yet known,
+    docs/determinism.md) — never silently."""
     _kvm_or_skip()
     out = tmp_path / "hw.tvt"
     # --host-env: Hermit 0.6.x hello_world faults (#GP in strlen) with fewer than four environment entries
