@@ -29,6 +29,8 @@ STREAM_CATEGORIES: tuple[str, ...] = ("uart", "stdout", "stderr")
 VIRTIO_OP_CATEGORIES: tuple[str, ...] = ("chain", "status", "reset", "features", "queue", "error")
 DIRECTION_CATEGORIES: tuple[str, ...] = ("rx", "tx")
 PROTOCOL_CATEGORIES: tuple[str, ...] = ("ARP", "IPv4", "ICMP", "UDP", "TCP", "IPv6", "ICMPv6", "other")
+FALLBACK_KIND_CATEGORIES: tuple[str, ...] = ("burst", "nm", "exception", "xgetbv", "xsave", "xrstor")
+BURST_STOP_CATEGORIES: tuple[str, ...] = ("exit", "budget", "fault", "mmio")
 
 CATEGORIES: dict[tuple[str, str], tuple[str, ...]] = {
     ("exits", "reason"): REASON_CATEGORIES,
@@ -37,6 +39,8 @@ CATEGORIES: dict[tuple[str, str], tuple[str, ...]] = {
     ("virtio", "op"): VIRTIO_OP_CATEGORIES,
     ("packets", "direction"): DIRECTION_CATEGORIES,
     ("packets", "protocol"): PROTOCOL_CATEGORIES,
+    ("fallback", "kind"): FALLBACK_KIND_CATEGORIES,
+    ("fallback", "stop"): BURST_STOP_CATEGORIES,
 }
 
 _C = Column
@@ -139,6 +143,27 @@ FRAMES: dict[str, tuple[Column, ...]] = {
         _C("via", "string", "rx: isr or notify (the access that delivered it)"),
         _C("dropped", "string", "why the frame was not delivered/sent; NA when it was"),
         _C("frame", "object", "the raw Ethernet frame (bytes; hex text in CSV)"),
+    ),
+    "fallback": (
+        _C("seq", "int64", "sequence number of the fallback event (right after the INTERNAL_ERROR exit it "
+                           "answered)"),
+        _C("t_ns", "int64", "ns since the trace start when the fallback finished"),
+        _C("vcpu", "uint16", "vCPU index"),
+        _C("kind", "category", "burst, nm, exception, xgetbv, xsave or xrstor (docs/fallback.md)"),
+        _C("rip", "uint64", "guest-virtual RIP of the instruction KVM could not run (burst: its `start`)"),
+        _C("insn", "string", "mnemonic of that instruction (burst, nm, exception); else NA"),
+        _C("count", "Int64", "burst: instructions the emulator executed; else NA"),
+        _C("end", "Int64", "burst: RIP after the burst; else NA"),
+        _C("stop", "category", "burst: why it ended (exit, budget, fault, mmio); else NA"),
+        _C("vector", "Int64", "exception vector (exception; a burst stopped by a fault; an XGETBV/XSAVE/XRSTOR "
+                              "that faulted); else NA"),
+        _C("error_code", "Int64", "the exception's error code, when it has one; else NA"),
+        _C("cr2", "Int64", "faulting address of a #PF; else NA"),
+        _C("xcr", "Int64", "xgetbv: ECX, the XCR read; else NA"),
+        _C("value", "Int64", "xgetbv: the value returned in EDX:EAX; else NA"),
+        _C("addr", "Int64", "xsave/xrstor: the save area (virtual); else NA"),
+        _C("rfbm", "Int64", "xsave/xrstor: the requested-feature bitmap; else NA"),
+        _C("error", "string", "xsave/xrstor: why the CPU would fault; else NA"),
     ),
 }
 

@@ -47,7 +47,8 @@ def _text(b: bytes) -> str:
 
 
 class Trace:
-    """A loaded trace: ``exits``, ``hypercalls``, ``files``, ``console``, ``virtio``, ``packets`` DataFrames
+    """A loaded trace: ``exits``, ``hypercalls``, ``files``, ``console``, ``virtio``, ``packets``, ``fallback``
+    DataFrames
     (columns and dtypes in :mod:`analysis.columns`, docs/analysis.md) and ``meta`` (the header).
 
     ``footer``, ``warnings`` and ``complete`` are the reader's; ``path`` the file.  Frames other than
@@ -105,8 +106,12 @@ class Trace:
     def packets(self) -> pd.DataFrame:
         return _packets_frame(self._rich)
 
+    @cached_property
+    def fallback(self) -> pd.DataFrame:
+        return _fallback_frame(self._rich)
+
     def frames(self) -> dict[str, pd.DataFrame]:
-        """Every frame by name (exits, hypercalls, files, console, virtio, packets)."""
+        """Every frame by name (exits, hypercalls, files, console, virtio, packets, fallback)."""
         return {name: getattr(self, name) for name in FRAME_NAMES}
 
     def events(self, kinds: Iterable[str] | str | None = None) -> Iterator[dict]:
@@ -497,3 +502,33 @@ def _packets_frame(rich: list[dict]) -> pd.DataFrame:
     if not rows:
         return empty_frame("packets")
     return conform(pd.DataFrame.from_records(rows), "packets")
+
+
+# --------------------------------------------------------------------------------------------------
+# fallback (docs/fallback.md)
+# --------------------------------------------------------------------------------------------------
+
+FALLBACK_KINDS = ("burst", "nm", "exception", "xgetbv", "xsave", "xrstor")
+_FALLBACK_INTS = ("count", "end", "vector", "error_code", "cr2", "xcr", "value", "addr", "rfbm")
+
+
+def _fallback_frame(rich: list[dict]) -> pd.DataFrame:
+    rows = []
+    for ev in rich:
+        kind = ev.get("k")
+        if kind not in FALLBACK_KINDS:
+            continue
+        rip = _int(ev.get("start") if kind == "burst" else ev.get("rip"))
+        row = {"seq": ev.get("seq"), "t_ns": ev["t"], "vcpu": ev["cpu"], "kind": kind,
+               "rip": rip if rip is not None and 0 <= rip < 1 << 64 else 0}
+        for name in ("insn", "error"):
+            v = ev.get(name)
+            row[name] = v if isinstance(v, str) else None
+        stop = ev.get("stop") if kind == "burst" else None
+        row["stop"] = stop if isinstance(stop, str) else None
+        for name in _FALLBACK_INTS:
+            row[name] = _int(ev.get(name))
+        rows.append(row)
+    if not rows:
+        return empty_frame("fallback")
+    return conform(pd.DataFrame.from_records(rows), "fallback")

@@ -64,7 +64,8 @@ class Stats:
 
     ``exits`` columns: [vcpu,] reason, count, pct, time_pct, total_ns, min_ns, max_ns, mean_ns, p99_ns.
     ``hypercalls``: [vcpu,] call, the same, bytes_in, bytes_out, bytes (in + out), bytes_per_call.
-    ``ports``: [vcpu,] ioport (e.g. ``"0x800 out (uart)"``) for the port I/O exits, with the exit columns."""
+    ``ports``: [vcpu,] ioport (e.g. ``"0x800 out (uart)"``) for the port I/O exits, with the exit columns.
+    ``fallback``: [vcpu,] kind, count, pct, instructions, mean_instructions, stops (docs/fallback.md)."""
 
     def __init__(self, trace: Trace, by: str | None = None) -> None:
         if by not in (None, "vcpu"):
@@ -82,6 +83,7 @@ class Stats:
         self.hypercalls["bytes"] = self.hypercalls["bytes_in"] + self.hypercalls["bytes_out"]
         self.hypercalls["bytes_per_call"] = (self.hypercalls["bytes"] / self.hypercalls["count"].where(
             self.hypercalls["count"] > 0)).astype("float64")
+        self.fallback = _fallback_table(trace.fallback, by_vcpu)
         span = 0
         if len(ex):
             span = int(ex["t_ns"].max() - ex["t_ns"].min())
@@ -94,6 +96,7 @@ class Stats:
             "bytes_out": int(hc["bytes_out"].sum()) if len(hc) else 0,
             "vcpus": sorted(int(v) for v in pd.unique(ex["vcpu"])) if len(ex) else [],
             "exit_span_ns": span,
+            "fallback": int(self.fallback["count"].sum()),
         }
 
     # -- output ------------------------------------------------------------------------------------
@@ -105,7 +108,7 @@ class Stats:
             return out
 
         return {"trace": self.path, "by": self.by, "totals": self.totals, "exits": rows(self.exits),
-                "ports": rows(self.ports), "hypercalls": rows(self.hypercalls)}
+                "ports": rows(self.ports), "hypercalls": rows(self.hypercalls), "fallback": rows(self.fallback)}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -114,12 +117,13 @@ class Stats:
         """A text report in the manner of ``perf kvm stat report``."""
         lines: list[str] = []
         name = os.path.basename(self.path)
-        groups = [(None, self.exits, self.ports, self.hypercalls)]
+        groups = [(None, self.exits, self.ports, self.hypercalls, self.fallback)]
         if self.by == "vcpu":
             vcpus = sorted(set(self.exits["vcpu"].tolist()) | set(self.hypercalls["vcpu"].tolist()))
             groups = [(v, self.exits[self.exits["vcpu"] == v], self.ports[self.ports["vcpu"] == v],
-                       self.hypercalls[self.hypercalls["vcpu"] == v]) for v in vcpus]
-        for v, ex, io, hc in groups:
+                       self.hypercalls[self.hypercalls["vcpu"] == v], self.fallback[self.fallback["vcpu"] == v])
+                      for v in vcpus]
+        for v, ex, io, hc, fb in groups:
             who = "all vCPUs" if v is None else f"vCPU {v}"
             lines.append(f"Analyze events for {name}, {who}:")
             lines.append("")
@@ -134,6 +138,8 @@ class Stats:
             b_in, b_out = int(hc["bytes_in"].sum()), int(hc["bytes_out"].sum())
             lines.append(f"Total Hypercalls:{n}, Total host time:{fmt_ns(t)}, bytes in {b_in}, out {b_out}.")
             lines.append("")
+            if len(fb):
+                lines += _fallback_lines(fb)
         return "\n".join(lines).rstrip("\n") + "\n"
 
     def __str__(self) -> str:
@@ -142,6 +148,62 @@ class Stats:
     def __repr__(self) -> str:
         return f"<analysis.Stats {os.path.basename(self.path)}: {self.totals['exits']} exits, " \
                f"{self.totals['hypercalls']} hypercalls>"
+
+
+_FALLBACK_COLUMNS = ("count", "pct", "instructions", "mean_instructions", "stops")
+
+
+def _fallback_table(fb: pd.DataFrame, by_vcpu: bool) -> pd.DataFrame:
+    """One row per fallback kind (burst, nm, exception, xgetbv, xsave, xrstor): count, pct, and for bursts the
+    instructions executed (total, mean per burst) and the stop reasons ("exit 12, budget 1")."""
+    keys = (["vcpu"] if by_vcpu else []) + ["kind"]
+    rows = []
+    groups = fb.groupby(keys, observed=True, sort=True) if len(fb) else []
+    for key, df in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(keys, key, strict=True))
+        row["count"] = len(df)
+        bursts = row["kind"] == "burst"
+        n = df["count"].dropna()
+        row["instructions"] = int(n.sum()) if bursts else None
+        row["mean_instructions"] = float(n.mean()) if bursts and len(n) else float("nan")
+        stops = df["stop"].dropna().astype(str).value_counts(sort=False) if bursts else pd.Series(dtype="int64")
+        order = sorted(stops.items(), key=lambda kv: (-kv[1], kv[0]))
+        row["stops"] = ", ".join(f"{k} {v}" for k, v in order) if bursts else None
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=keys + list(_FALLBACK_COLUMNS))
+    tot = out.groupby("vcpu")["count"].transform("sum") if by_vcpu else out["count"].sum()
+    out["pct"] = (100.0 * out["count"] / tot).astype("float64") if len(out) else pd.Series(dtype="float64")
+    out["count"] = out["count"].astype("int64")
+    out["instructions"] = out["instructions"].astype("Int64")
+    out["mean_instructions"] = out["mean_instructions"].astype("float64")
+    out["kind"] = out["kind"].astype(str).astype("string")
+    out["stops"] = out["stops"].astype("string")
+    if by_vcpu:
+        out["vcpu"] = out["vcpu"].astype("int64")
+    out = out.sort_values(keys[:-1] + ["count", "kind"], ascending=[True] * by_vcpu + [False, True],
+                          kind="stable").reset_index(drop=True)
+    return out[keys + list(_FALLBACK_COLUMNS)]
+
+
+def _fallback_lines(fb: pd.DataFrame) -> list[str]:
+    """The FALLBACK table of the text report."""
+    head = ["FALLBACK", "Samples", "Samples%", "Instructions", "Insns/burst", "Stops"]
+    rows = []
+    for r in fb.itertuples(index=False):
+        bursts = r.kind == "burst"
+        rows.append([str(r.kind), str(r.count), f"{r.pct:.2f}%", str(r.instructions) if bursts else "-",
+                     f"{r.mean_instructions:.1f}" if bursts and r.mean_instructions == r.mean_instructions else "-",
+                     str(r.stops) if bursts and r.stops is not pd.NA else "-"])
+    widths = [max(len(head[i]), *(len(row[i]) for row in rows)) for i in range(len(head))]
+    widths[0] = max(widths[0], 16)
+    out = ["  ".join(h.rjust(w) if i < 5 else h for i, (h, w) in enumerate(zip(head, widths))), ""]
+    out += ["  ".join(c.rjust(w) if i < 5 else c for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    out.append("")
+    n, insns = int(fb["count"].sum()), int(fb["instructions"].fillna(0).sum())
+    out.append(f"Total Fallbacks:{n}, instructions in bursts {insns}.")
+    out.append("")
+    return out
 
 
 def _ioport_names(io: pd.DataFrame) -> pd.Series:

@@ -196,7 +196,30 @@ def trace_header(config: SessionConfig, image: KernelImage, machine: Machine, sa
     }
     if machine.ndi is not None:
         header["exact"] = machine.ndi.header()
+    seen = _guest_cpuid(desc["cpuid"])
+    if seen is not None:
+        header["guest_cpuid"] = seen
+        if not config.exact and config.hide_rdrand and (seen["rdrand"] or seen["rdseed"]):
+            header["determinism"]["notes"] = [
+                header["determinism"]["notes"],
+                "this host does not honour the CPUID table: the guest sees RDRAND/RDSEED and their values "
+                "are not recorded in parallel mode"]
     return header
+
+
+def _guest_cpuid(rows: list[list[int]]) -> dict | None:
+    """What the guest really sees in CPUID on this host (tracevisor/cpuprobe.py; cached per host), or None
+    with a warning when the probe guest cannot run."""
+    from .cpuprobe import guest_cpuid
+
+    if signals.pending() is not None:  # the recording will not start: no probe, no warning
+        return None
+    try:
+        return guest_cpuid(rows)
+    except TracevisorError as e:
+        if signals.pending() is None:
+            _warn(f"guest CPUID not probed: {e}")
+        return None
 
 
 def _fallback_header(machine: Machine) -> dict:

@@ -306,6 +306,10 @@ def info_text(reader: TraceReader) -> str:
         row("mounts", _value(h["mounts"]))
     if isinstance(h.get("cpuid"), list):
         row("cpuid", f"{len(h['cpuid'])} entries")
+    if isinstance(h.get("guest_cpuid"), Mapping):
+        from ..cpuprobe import describe
+
+        row("guest cpuid", describe(h["guest_cpuid"]))
     host = h.get("host")
     if isinstance(host, Mapping):
         row("host", f"{host.get('uname', '?')}; KVM API {host.get('kvm_api', '?')}; Python {host.get('python', '?')}")
