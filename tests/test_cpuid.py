@@ -14,7 +14,7 @@ import pytest
 
 from helpers import build_asm, run_cli
 from tracevisor import arch_x86_64 as arch
-from tracevisor import cpuprobe
+from tracevisor import cpuprobe, session
 
 kvm = pytest.mark.kvm
 
@@ -84,10 +84,10 @@ def test_summary_from_registers_without_kvm():
 def test_probe_equals_what_a_guest_sees(self_reported, tmp_path, monkeypatch):
     monkeypatch.setenv("TRACEVISOR_CACHE_DIR", str(tmp_path))
     rows = _table_rows()
-    probed = cpuprobe.guest_cpuid(rows)
+    probed = session.probe_guest_cpuid(rows)
     assert {f: probed[f] for f in FEATURES} == self_reported
     assert list(tmp_path.glob("cpuid-*.json")), "the probe's answer is cached"
-    again = cpuprobe.guest_cpuid(rows)  # from the cache
+    again = session.probe_guest_cpuid(rows)  # from the cache
     assert again == probed
     table = cpuprobe.regs_from_table(rows)
     assert not (table["leaf1_ecx"] >> 30 & 1), "tracevisor's table clears RDRAND"

@@ -17,9 +17,14 @@ import os
 import platform
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .status import StopInfo
 
 PROBE_PORT = 0xE8  # unused by tracevisor's own devices (hypercalls 0x400+, UART 0x800, exact mode 0xE6/0xE7)
 _BASE = 0x400000
@@ -116,11 +121,16 @@ def regs_from_table(rows: list[list[int]]) -> dict[str, int] | None:
     return {"leaf1_ecx": l1[5], "leaf1_edx": l1[6], "leaf7_ebx": l7[4], "leaf7_ecx": l7[5], "leaf7_edx": l7[6]}
 
 
-def run_probe(rows: list[list[int]]) -> dict[str, int]:
+#: How the probe VM is booted: ``boot(kernel_path, cpuid_rows, make_device) -> StopInfo`` runs the kernel in a
+#: throwaway VM with ``make_device(ctx)`` attached (tracevisor.session.boot_probe assembles it; passed in so
+#: that this module does not import the session module that records its answer).
+ProbeBoot = Callable[[str, list, Callable], "StopInfo"]
+
+
+def run_probe(rows: list[list[int]], boot: ProbeBoot) -> dict[str, int]:
     """Boot the probe guest once with the CPUID table ``rows`` and return the five registers it reported."""
     from .devices.base import Device
     from .errors import TracevisorError
-    from .session import Session, SessionConfig, _prepare, build_machine
 
     seen: list[int] = []
 
@@ -133,21 +143,14 @@ def run_probe(rows: list[list[int]]) -> dict[str, int]:
     with tempfile.TemporaryDirectory(prefix="tracevisor-probe-") as d:
         path = Path(d) / "cpuid-probe"
         path.write_bytes(probe_elf())
-        config = SessionConfig(kernel=str(path), memory=32 << 20, quiet=True, cpuid_rows=rows, timeout=30,
-                               fallback="off")
-        host = _prepare(config, None)
-        machine = build_machine(config, host.image)
-        machine.add_device(lambda ctx: Probe(ctx))
-        live = host.hostio(config, machine)
-        with Session(config, host.image, machine, live, live=live) as s:
-            info = s.run()
+        info = boot(str(path), rows, lambda ctx: Probe(ctx))
     if len(seen) != 5 or info.code != 0:
         raise TracevisorError(f"the CPUID probe guest did not report its registers (stopped: {info.reason}, "
                               f"{len(seen)} of 5 values)")
     return dict(zip(REGISTERS, (v & 0xFFFF_FFFF for v in seen), strict=True))
 
 
-def guest_cpuid(rows: list[list[int]], *, refresh: bool = False) -> dict:
+def guest_cpuid(rows: list[list[int]], boot: ProbeBoot, *, refresh: bool = False) -> dict:
     """What a guest given the CPUID table ``rows`` sees on this host: the probe's answer, cached per host."""
     path = cache_dir() / f"cpuid-{cache_key(rows)}.json"
     if not refresh:
@@ -157,7 +160,7 @@ def guest_cpuid(rows: list[list[int]], *, refresh: bool = False) -> dict:
                 return summarize(regs, rows)
         except (OSError, ValueError, TypeError, AttributeError):
             pass
-    regs = run_probe(rows)
+    regs = run_probe(rows, boot)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

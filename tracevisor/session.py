@@ -210,16 +210,34 @@ def trace_header(config: SessionConfig, image: KernelImage, machine: Machine, sa
 def _guest_cpuid(rows: list[list[int]]) -> dict | None:
     """What the guest really sees in CPUID on this host (tracevisor/cpuprobe.py; cached per host), or None
     with a warning when the probe guest cannot run."""
-    from .cpuprobe import guest_cpuid
-
     if signals.pending() is not None:  # the recording will not start: no probe, no warning
         return None
     try:
-        return guest_cpuid(rows)
+        return probe_guest_cpuid(rows)
     except TracevisorError as e:
         if signals.pending() is None:
             _warn(f"guest CPUID not probed: {e}")
         return None
+
+
+def probe_guest_cpuid(rows: list[list[int]], *, refresh: bool = False) -> dict:
+    """What a guest given the CPUID table ``rows`` really sees on this host (the probe guest of
+    tracevisor/cpuprobe.py, booted here; its answer is cached per host)."""
+    from .cpuprobe import guest_cpuid
+
+    return guest_cpuid(rows, boot_probe, refresh=refresh)
+
+
+def boot_probe(kernel: str, rows: list[list[int]], make_device) -> StopInfo:
+    """Run ``kernel`` in a throwaway 32 MiB VM with the CPUID table ``rows`` and a device built by
+    ``make_device(ctx)`` (the CPUID probe's port)."""
+    config = SessionConfig(kernel=kernel, memory=32 << 20, quiet=True, cpuid_rows=rows, timeout=30, fallback="off")
+    host = _prepare(config, None)
+    machine = build_machine(config, host.image)
+    machine.add_device(make_device)
+    live = host.hostio(config, machine)
+    with Session(config, host.image, machine, live, live=live) as s:
+        return s.run()
 
 
 def _fallback_header(machine: Machine) -> dict:
