@@ -232,10 +232,8 @@ def boot_probe(kernel: str, rows: list[list[int]], make_device) -> StopInfo:
     """Run ``kernel`` in a throwaway 32 MiB VM with the CPUID table ``rows`` and a device built by
     ``make_device(ctx)`` (the CPUID probe's port)."""
     config = SessionConfig(kernel=kernel, memory=32 << 20, quiet=True, cpuid_rows=rows, timeout=30, fallback="off")
-    host = _prepare(config, None)
-    machine = build_machine(config, host.image)
+    host, machine, live = _live_machine(config, None)
     machine.add_device(make_device)
-    live = host.hostio(config, machine)
     with Session(config, host.image, machine, live, live=live) as s:
         return s.run()
 
@@ -424,15 +422,20 @@ def build_machine(config: SessionConfig, image: KernelImage,
     return machine
 
 
-def build_run(config: SessionConfig, image: KernelImage | None = None) -> Session:
-    """A plain run: the live host, no trace."""
+def _live_machine(config: SessionConfig, image: KernelImage | None) -> tuple[_Host, Machine, LiveHostIO]:
+    """The prepared host, the machine and its live HostIO; the sandbox is closed if no machine can be built."""
     host = _prepare(config, image)
     try:
         machine = build_machine(config, host.image)
     except BaseException:
         host.sandbox.close()
         raise
-    live = host.hostio(config, machine)
+    return host, machine, host.hostio(config, machine)
+
+
+def build_run(config: SessionConfig, image: KernelImage | None = None) -> Session:
+    """A plain run: the live host, no trace."""
+    host, machine, live = _live_machine(config, image)
     return Session(config, host.image, machine, live, live=live)
 
 
@@ -451,13 +454,7 @@ def build_record(config: SessionConfig, out: str | os.PathLike, *, compress: str
     ``trace-full``) once the trace reaches that size."""
     from .trace import TraceWriter
 
-    host = _prepare(config, image)
-    try:
-        machine = build_machine(config, host.image)
-    except BaseException:
-        host.sandbox.close()
-        raise
-    live = host.hostio(config, machine)
+    host, machine, live = _live_machine(config, image)
     try:
         header = trace_header(config, host.image, machine, host.sandbox, host.argv, host.env)
         signals.check()  # a deferred SIGINT/SIGTERM before the VM started: leave no trace file at all
