@@ -569,7 +569,9 @@ class Replayer:
         how = "registers compared at every exit" if self.digests else \
             "no register digests in this format 1.x trace: exits compared by port, value and rip only"
         mem = f", {c.mem_checked} memory hashes" if c.mem_checked else ""
-        fin = ", final memory identical" if checks.get("final_memory") == "identical" else ""
+        final = checks.get("final_memory")
+        # say what was not compared (several vCPUs, another kernel image, a trace without memory hashes)
+        fin = ", final memory identical" if final == "identical" else (f", memory {final}" if final else "")
         tail = f"exit code {info.code} identical to the recording" if info.reason == "exit" else \
             f"the guest stopped with {info.reason} as in the recording"
         return ReplayResult(status=0, reason=info.reason, verified=True,
