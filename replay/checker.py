@@ -375,11 +375,13 @@ class Checker:
             return
         pages = self.hasher.differing(self.rec_pages) if self.hasher is not None else []
         where = ", ".join(f"{p['gpa']:#x}" for p in pages[:8]) or "unknown pages"
-        first = next((p["first_changed"] for p in pages if "first_changed" in p), None)
+        runs = next((p["changed"] for p in pages if p.get("changed")), None)
         text = f"guest memory differs from the recording at mem check #{ev[1]} ({rec.get('at')}): pages {where}"
-        if first is not None:
-            text += (f"; first byte the replay changed there since the last matching check: {first['gpa']:#x} "
-                     f"({first['before'][:8]} -> {first['replay'][:8]})")
+        if runs:
+            shown = ", ".join(f"{r['gpa']:#x} ({r['before']} -> {r['replay']})" for r in runs)
+            text += (f"; the trace keeps only page CRCs, so the differing bytes are among those the replay "
+                     f"changed there since the last matching check [{shown}] or among bytes only the "
+                     "recording changed")
         self._diverge(cpu, text, {"hash": rec.get("hash"), "at": rec.get("at"), "seq": ev[1]},
                       {"hash": fields.get("hash"), "at": fields.get("at"), "k": "mem"}, seq=ev[1],
                       extra={"memory_differs": True, "pages": pages})

@@ -113,11 +113,41 @@ def test_xsave_writes_selected_components_and_header():
     assert out[576:832] == bytes(256)  # AVX not requested: untouched
 
 
+def _init_content(img: bytes) -> bytearray:
+    """img with x87 kept, XMM and AVX in their initial configuration (all zeros)."""
+    out = bytearray(img)
+    out[160:416] = bytes(256)
+    out[576:832] = bytes(256)
+    return out
+
+
 def test_xsave_skips_components_in_initial_state():
-    img = _image(0b001, 0xCD)  # SSE and AVX in their initial configuration
-    out = xstate.xsave(img, bytes(1024), rfbm=0b111, mxcsr=0x1F80, cpuid_0d=CPUID_0D)
+    img = _init_content(_image(0b001, 0xCD))  # SSE and AVX in their initial configuration
+    area = bytearray([0xEE]) * 1024
+    area[512:576] = bytes(64)
+    out = xstate.xsave(bytes(img), bytes(area), rfbm=0b111, mxcsr=0x1F80, cpuid_0d=CPUID_0D)
     assert struct.unpack_from("<Q", out, 512)[0] == 0b001
-    assert out[160:416] == bytes(256) and out[576:832] == bytes(256)
+    assert out[160:416] == bytes([0xEE]) * 256 and out[576:832] == bytes([0xEE]) * 256  # not written
+
+
+def test_xsave_header_follows_contents_not_kvms_in_use_bits():
+    # The host's in-use tracking may call SSE/AVX in use after they returned to zero, and whether it does
+    # varies from run to run: the save area must come out the same either way (a replay compares it).
+    content = _init_content(_image(0b001, 0x5A))
+    said_in_use = bytearray(content)
+    struct.pack_into("<Q", said_in_use, 512, 0b111)
+    a = xstate.xsave(bytes(content), bytes(1024), rfbm=0b111, mxcsr=0x1F80, cpuid_0d=CPUID_0D)
+    b = xstate.xsave(bytes(said_in_use), bytes(1024), rfbm=0b111, mxcsr=0x1F80, cpuid_0d=CPUID_0D)
+    assert a == b and struct.unpack_from("<Q", a, 512)[0] == 0b001
+    # a non-default MXCSR keeps SSE in use; x87 back at FCW 0x37F and zeros is initial too
+    c = xstate.xsave(bytes(content), bytes(1024), rfbm=0b111, mxcsr=0x1FC0, cpuid_0d=CPUID_0D)
+    assert struct.unpack_from("<Q", c, 512)[0] == 0b011
+    x87_init = bytearray(content)
+    x87_init[0:24] = bytes(24)
+    x87_init[32:160] = bytes(128)
+    struct.pack_into("<H", x87_init, 0, 0x37F)
+    d = xstate.xsave(bytes(x87_init), bytes(1024), rfbm=0b111, mxcsr=0x1F80, cpuid_0d=CPUID_0D)
+    assert struct.unpack_from("<Q", d, 512)[0] == 0
 
 
 def test_xrstor_loads_or_initialises():

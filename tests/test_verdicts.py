@@ -164,6 +164,12 @@ def test_edited_read_answer_is_caught_at_the_next_memory_hash(tmp_path, guests):
             res = r.run()
         assert res.status == 4 and res.report["seq"] == mem_after, (res.message, res.report.get("seq"), mem_after)
         assert res.report.get("memory_differs") and res.report["pages"]
+        # the report names the bytes the replay wrote there, and says the trace cannot name more
+        call = next(e for e in open_trace(edited).events(kinds=["hypercall"], start=target["seq"]))
+        buf = call["args"]["buf"]  # identity-mapped in these guests: the guest-physical address
+        runs = [r for p in res.report["pages"] for r in p.get("changed", [])]
+        assert runs and "keeps only page CRCs" in res.message, res.message
+        assert any(r["gpa"] <= buf < r["gpa"] + len(r["replay"]) // 2 for r in runs), (hex(buf), runs)
 
 
 def test_a_recording_stopped_by_timeout_replays_as_partial_not_diverged(tmp_path, guests):

@@ -461,9 +461,8 @@ def _print_divergence(result) -> None:
               file=sys.stderr)
     for p in rep.get("pages") or []:
         line = f"  page {p['gpa']:#x}: crc recorded {p['recorded_crc']:#010x}, replay {p['replay_crc']:#010x}"
-        fc = p.get("first_changed")
-        if fc:
-            line += f"; replay changed {fc['gpa']:#x}: {fc['before']} -> {fc['replay']}"
+        for r in p.get("changed") or []:
+            line += f"; replay changed {r['gpa']:#x}: {r['before']} -> {r['replay']}"
         print(line, file=sys.stderr)
     if not rep or "expected" not in rep:
         if rep.get("leftover"):

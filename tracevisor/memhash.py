@@ -117,8 +117,10 @@ class MemoryHasher:
         self._rehash(sorted(set(pages)))
 
     def differing(self, recorded: dict[int, int], limit: int = 8) -> list[dict]:
-        """Pages whose CRC differs from ``recorded`` (page → crc; absent = all zeros), with the first bytes
-        the replay changed in each since the last matching hash."""
+        """Pages whose CRC differs from ``recorded`` (page → crc; absent = all zeros), each with the byte
+        runs the replay changed there since the last matching hash (``changed``, at most 4; the first
+        also as ``first_changed``).  The recording holds only CRCs, so the bytes that differ are among
+        those runs or among bytes the recording changed and the replay did not."""
         out = []
         crcs = self.crcs
         for p in range(self.npages):
@@ -126,20 +128,34 @@ class MemoryHasher:
             if crcs[p] == want:
                 continue
             entry: dict = {"page": p, "gpa": p << 12, "recorded_crc": want, "replay_crc": crcs[p]}
-            now = self.memory.page(p)
-            before = None
             if self.keep_copies:
                 before = self._prev[p] if p in self._prev else self.copies.get(p)
-                before = before if before is not None else bytes(PAGE)
-            if before is not None:
-                diff = next((i for i in range(PAGE) if now[i] != before[i]), None)
-                if diff is not None:
-                    entry["first_changed"] = {"gpa": (p << 12) + diff, "before": before[diff:diff + 16].hex(),
-                                              "replay": now[diff:diff + 16].hex()}
+                runs = changed_runs(before if before is not None else bytes(PAGE), self.memory.page(p), p << 12)
+                if runs:
+                    entry["changed"] = runs
+                    entry["first_changed"] = runs[0]
             out.append(entry)
             if len(out) >= limit:
                 break
         return out
+
+
+def changed_runs(before: bytes, now: bytes, base: int, limit: int = 4) -> list[dict]:
+    """Runs of bytes that differ between two copies of a page: {gpa, before, replay} (hex, ≤ 16 bytes
+    each), at most ``limit`` runs."""
+    runs: list[dict] = []
+    n = min(len(before), len(now))
+    i = 0
+    while i < n and len(runs) < limit:
+        if before[i] == now[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and j - i < 16 and before[j] != now[j]:
+            j += 1
+        runs.append({"gpa": base + i, "before": before[i:j].hex(), "replay": now[i:j].hex()})
+        i = j
+    return runs
 
 
 #: Exits of a vCPU between two periodic memory hashes (recorded in the header as ``memhash.every``).

@@ -46,31 +46,54 @@ def area_size(cpuid_0d: dict[int, tuple[int, int]], rfbm: int) -> int:
     return end
 
 
+def _x87_init(image: bytes) -> bool:
+    """Is the x87 part of a legacy region in its initial configuration (FCW 0x37F, all else 0)?"""
+    return (struct.unpack_from("<H", image, 0)[0] == 0x37F and not any(image[2:24])
+            and not any(image[32:160]))
+
+
+def in_use(kvm_image: bytes, mxcsr: int, rfbm: int, cpuid_0d: dict[int, tuple[int, int]]) -> int:
+    """The components of rfbm that are *not* in their initial configuration, judged from the register
+    contents.  The CPU's own in-use tracking (XINUSE, what KVM's image header reports) may call a
+    component in use after it returned to its initial values, and whether it does depends on the host
+    and on when the host last saved the vCPU's state: a save area written from it would differ between
+    a recording and its replay.  Judging by content is one of the answers the architecture allows
+    (XINUSE[i] = 0 only in the initial configuration) and the same on every run."""
+    bv = 0
+    if rfbm & 1 and not _x87_init(kvm_image):
+        bv |= 1
+    a, b = XMM_RANGE
+    if rfbm & 2 and (any(kvm_image[a:b]) or mxcsr != 0x1F80):
+        bv |= 2
+    for i, off, size in components(cpuid_0d, rfbm):
+        if any(kvm_image[off:off + size]):
+            bv |= 1 << i
+    return bv
+
+
 def xsave(kvm_image: bytes, area: bytes, rfbm: int, mxcsr: int,
           cpuid_0d: dict[int, tuple[int, int]]) -> bytes:
     """The save area after ``XSAVE`` with requested-feature bitmap ``rfbm`` (= XCR0 & EDX:EAX).
 
-    ``kvm_image`` is the vCPU's state from KVM_GET_XSAVE; a component whose XSTATE_BV bit is clear there
-    is in its initial configuration and is not written (its header bit becomes 0), as the CPU does."""
+    ``kvm_image`` is the vCPU's state from KVM_GET_XSAVE.  A component in its initial configuration
+    (see :func:`in_use`; KVM's own header bits are not used) is not written and its XSTATE_BV bit
+    becomes 0, as the CPU does; MXCSR is written whenever SSE or AVX is requested."""
     out = bytearray(area)
-    kvm_bv = struct.unpack_from("<Q", kvm_image, HEADER_OFFSET)[0]
+    used = in_use(kvm_image, mxcsr, rfbm, cpuid_0d)
     bv = struct.unpack_from("<Q", out, HEADER_OFFSET)[0] & ~rfbm
-    if rfbm & 1 and kvm_bv & 1:
+    if used & 1:
         for a, b in X87_RANGES:
             out[a:b] = kvm_image[a:b]
-        bv |= 1
     if rfbm & 6:
         struct.pack_into("<I", out, MXCSR_OFFSET, mxcsr)
         out[MXCSR_OFFSET + 4:MXCSR_OFFSET + 8] = kvm_image[MXCSR_OFFSET + 4:MXCSR_OFFSET + 8]
-    if rfbm & 2 and kvm_bv & 2:
+    if used & 2:
         a, b = XMM_RANGE
         out[a:b] = kvm_image[a:b]
-        bv |= 2
     for i, off, size in components(cpuid_0d, rfbm):
-        if kvm_bv >> i & 1:
+        if used >> i & 1:
             out[off:off + size] = kvm_image[off:off + size]
-            bv |= 1 << i
-    struct.pack_into("<Q", out, HEADER_OFFSET, bv)
+    struct.pack_into("<Q", out, HEADER_OFFSET, bv | used)
     return bytes(out)
 
 
