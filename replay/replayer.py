@@ -493,6 +493,11 @@ class Replayer:
                   "memory_every": self.mem_every,
                   "memory": "not compared: --force with a different kernel image" if self.other_image else
                   "compared at every recorded memory hash"}
+        sched = self.machine.sched if self.machine is not None else None
+        if sched is not None:
+            checks["points"] = {"switch_and_timer_points": sched.i, "sought_by_rip_and_registers": sched.sought,
+                                "memory_digests_compared": sched.mem_compared,
+                                "register_only_matches_skipped": sched.ambiguous}
         base = dict(matched=matched, exits=exits, code=info.code, recorded_code=rec_code,
                     recorded_reason=rec_reason, stop=info, warnings=list(self.warnings), checks=checks)
         if info.reason == "paused":
@@ -546,7 +551,6 @@ class Replayer:
                                 message=f"not verified: {what} before the recording did: recorded events remain "
                                         f"unreplayed on vCPU {cpus}",
                                 report={"leftover": leftover, "stop": info.as_dict()}, **base)
-        sched = self.machine.sched if self.machine is not None else None
         if sched is not None and sched.leftover():
             verdicts("not verified: recorded vCPU switches not reached")
             return ReplayResult(status=int(ExitStatus.DIVERGED), reason=StopReason.DIVERGED, verified=False,
@@ -571,7 +575,11 @@ class Replayer:
         mem = f", {c.mem_checked} memory hashes" if c.mem_checked else ""
         final = checks.get("final_memory")
         # say what was not compared (several vCPUs, another kernel image, a trace without memory hashes)
-        fin = ", final memory identical" if final == "identical" else (f", memory {final}" if final else "")
+        fin = ", final memory identical" if final == "identical" else (f", final memory {final}" if final else "")
+        if sched is not None and sched.mem_compared:
+            fin += f"; memory written in each slice compared at {sched.mem_compared} vCPU switch/timer points"
+            if sched.ambiguous:
+                fin += f" ({sched.ambiguous} breakpoint hits had the recorded registers but not the memory: skipped)"
         tail = f"exit code {info.code} identical to the recording" if info.reason == "exit" else \
             f"the guest stopped with {info.reason} as in the recording"
         return ReplayResult(status=0, reason=info.reason, verified=True,
@@ -579,15 +587,18 @@ class Replayer:
                                     f"{tail}", report=info.report if info.reason != "exit" else {}, **base)
 
     def _final_memory(self, checks: dict) -> str | None:
-        """Compare the memory hash at the stop with the footer's; a message when they differ.  Single-vCPU
-        runs only: other vCPUs are stopped wherever they happen to be, which a replay cannot reproduce."""
+        """Compare the memory hash at the stop with the footer's; a message when they differ.  With several
+        vCPUs only in an exact recording: there the vCPUs that do not hold the token wait at recorded switch
+        points; in parallel ones they stop wherever they happen to be, which a replay cannot reproduce."""
         fin = self.final if isinstance(self.final, dict) else {}
         want = fin.get("mem")
         if self.other_image:
             checks["final_memory"] = "not compared (--force with a different kernel image)"
             return None
-        if type(want) is not int or self.config.cpus != 1:
-            checks["final_memory"] = "not compared" + (" (several vCPUs)" if self.config.cpus != 1 else "")
+        serialized = self.machine is not None and self.machine.sched is not None
+        if type(want) is not int or (self.config.cpus != 1 and not serialized):
+            checks["final_memory"] = "not compared" + (" (several vCPUs running in parallel)"
+                                                       if self.config.cpus != 1 else "")
             return None
         from tracevisor.memhash import MemoryHasher
 

@@ -361,3 +361,69 @@ def test_two_vcpus_replay_their_schedule(tmp_path, name, body, data, names):
         res, replayed = replay_state(trace, regions)
         assert res.verified, res.message
         assert replayed == state
+
+
+# vCPU 1 counts in memory in a loop whose registers are the same on every pass (the flags are reset by the
+# xor); vCPU 0 works for a while, then stops it.  Neither makes an exit, so every switch is a kick, and a kick
+# point inside vCPU 1's loop has the same RIP and registers on every pass: only the memory written since the
+# previous switch (the counter's page) tells the passes apart.
+SAME_REGS = """
+  test %rsi, %rsi
+  jnz 3f
+  mov $40000, %ecx
+1:
+  dec %ecx
+  jnz 1b
+  movl $1, stop(%rip)
+2:
+  cmpl $1, acked(%rip)
+  jne 2b
+  mov counter(%rip), %rax
+  and $0x7f, %rax
+  mov %eax, exitblk(%rip)
+  lea exitblk(%rip), %rax
+  mov $0x540, %dx
+  outl %eax, %dx
+3:
+  incq counter(%rip)
+  xor %eax, %eax
+  nop
+  nop
+  nop
+  nop
+  nop
+  nop
+  cmpl $1, stop(%rip)
+  jne 3b
+  movl $1, acked(%rip)
+4:
+  cli
+  hlt
+  jmp 4b
+"""
+SAME_REGS_DATA = ".balign 8\ncounter: .quad 0\nstop: .long 0\nacked: .long 0\n"
+
+
+@kvm
+def test_kick_points_in_a_loop_with_repeating_registers_are_told_apart_by_memory(tmp_path):
+    g = build_asm(tmp_path, "sameregs", SAME_REGS, EXIT_DATA.format(code=0) + SAME_REGS_DATA)
+    sym = _symbols(g)
+    regions = [(sym["counter"], 8)]
+    trace = tmp_path / "sameregs.tvt"
+    info, header, state, notes = record_inprocess(g, trace, cpus=2, regions=regions)
+    assert info.reason == "exit", info.message
+    from tracevisor.sched import load_schedule
+
+    sched = load_schedule(str(trace))
+    kicks = [e for e in sched if e["why"] == "kick"]
+    assert kicks and all("mdigest" in e for e in sched)
+    skipped = 0
+    for _ in range(REPLAYS):
+        res, replayed = replay_state(trace, regions)
+        assert res.verified, res.message
+        assert replayed == state  # the counter: as many passes as in the recording, not the first match's
+        points = res.checks["points"]
+        assert points["memory_digests_compared"] == len(sched)
+        skipped += points["register_only_matches_skipped"]
+    # vCPU 1's kick points fall inside its loop: register-only matches at earlier passes were skipped
+    assert skipped > 0

@@ -32,6 +32,7 @@ from . import codescan, xstate
 from .errors import TracevisorError
 from .kvm import uapi as U
 
+_SYNC_REGS_OFFSET = 304  # struct kvm_regs inside kvm_run (s.regs)
 DEFAULT_BUDGET = 100_000  # instructions per burst at most (bounds interrupt latency; deterministic)
 MODES = ("auto", "on", "off")
 
@@ -82,7 +83,7 @@ class FallbackStop(Exception):
 
 
 class Disassembler:
-    """capstone with operand details, cached per instruction address (kernels do not modify code)."""
+    """capstone with operand details, cached per (address, bytes at that address)."""
 
     def __init__(self) -> None:
         import capstone
@@ -91,12 +92,16 @@ class Disassembler:
         self.md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self.md.detail = True
         self.lite = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        self._cache: dict[bytes, object] = {}
+        self._cache: dict[tuple[int, bytes], object] = {}  # (address, the bytes there) → instruction
 
     def one(self, code: bytes, addr: int):
-        for insn in self.md.disasm(code, addr, 1):
-            return insn
-        return None
+        key = (addr, code)
+        insn = self._cache.get(key, self)
+        if insn is self:
+            insn = next(iter(self.md.disasm(code, addr, 1)), None)
+            if len(self._cache) < 65536:
+                self._cache[key] = insn
+        return insn
 
     def mnemonic(self, code: bytes, addr: int = 0) -> str:
         for _a, _s, mnem, ops in self.lite.disasm_lite(code, addr, 1):
@@ -395,8 +400,12 @@ class Fallback:
             self.stats["setup_ns"] += time.perf_counter_ns() - t
         t0 = time.perf_counter_ns()
         vc_regs = eng.regs
-        r = vc.get_regs()
-        ctypes.memmove(ctypes.addressof(vc_regs), ctypes.addressof(r), ctypes.sizeof(vc_regs))
+        if vc.sync_regs:  # KVM stored the registers in kvm_run at this exit: no KVM_GET_REGS
+            ctypes.memmove(ctypes.addressof(vc_regs), ctypes.addressof(vc.run) + _SYNC_REGS_OFFSET,
+                           ctypes.sizeof(vc_regs))
+        else:
+            r = vc.get_regs()
+            ctypes.memmove(ctypes.addressof(vc_regs), ctypes.addressof(r), ctypes.sizeof(vc_regs))
         s = vc.get_sregs()
         ctypes.memmove(ctypes.addressof(eng.sregs), ctypes.addressof(s), ctypes.sizeof(s))
         rip = vc_regs.rip

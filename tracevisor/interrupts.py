@@ -16,8 +16,10 @@ of time is the **virtual clock** ``vt`` (ns) kept here:
 Nothing else moves ``vt``, so given the same exits and the same recorded kick points a replay computes
 the same virtual times, the same timer expiries and the same register values (current count, PIT
 latch).  Interrupts are injected only **between exits**: before the vCPU re-enters, the highest pending
-vector is injected with KVM_INTERRUPT when ``kvm_run.ready_for_interrupt_injection`` allows it.  When it
-does not (interrupts off), no interrupt window is requested — on this host the IRQ_WINDOW_OPEN exit
+vector is injected with KVM_INTERRUPT when the vCPU can take it (:func:`can_take_interrupt`: RFLAGS.IF,
+no interrupt shadow, no event being delivered — read from the vCPU's state, not from
+``kvm_run.ready_for_interrupt_injection``, which on this host can be stale after a kick).  When it
+cannot (interrupts off), no interrupt window is requested — on this host the IRQ_WINDOW_OPEN exit
 arrives at different instructions from run to run — the interrupt waits for the next exit with
 interrupts on, or the recorder kicks the vCPU and records that point (``why="irq"``).  Each injection is an ``irq``
 event — vector, the vCPU's exit count, the virtual time — which the replay's checker compares like any
@@ -41,6 +43,27 @@ from .pit import PIC_PORTS, PIT_PORTS, Pic, Pit
 EXIT_NS = 10_000  # virtual time one exit takes
 
 
+
+_RFLAGS_IF = 0x200
+
+
+def can_take_interrupt(v) -> bool:
+    """May an external interrupt be injected into ``v`` now: RFLAGS.IF set, no STI/MOV-SS shadow, and no
+    exception, interrupt or NMI already being delivered?  Read from the vCPU itself: registers handed to
+    KVM through sync regs and not yet applied count (``v.pending_regs``), else KVM_GET_REGS; the shadow
+    and pending events come from KVM_GET_VCPU_EVENTS.  Called only when an interrupt is pending."""
+    vc = v.vcpu
+    pending = getattr(v, "pending_regs", None)
+    if pending is not None and vc.run.kvm_dirty_regs & U.KVM_SYNC_X86_REGS:
+        rflags = pending[17]
+    else:
+        rflags = vc.get_regs().rflags
+    if not rflags & _RFLAGS_IF:
+        return False
+    raw = bytes(vc.get_vcpu_events().raw)
+    # exception.injected, exception.pending, interrupt.injected, interrupt.shadow, nmi.injected
+    return not (raw[0] or raw[3] or raw[8] or raw[11] or raw[12])
+
 class Interrupts:
     """The user-space interrupt controllers of one VM and the virtual clock they run on."""
 
@@ -63,6 +86,9 @@ class Interrupts:
         self.host_mark = time.monotonic()  # host time of the last exit (record: when is a tick due?)
         self.next_due: int | None = None  # the earliest deadline of all timers (cache)
         self.injected = 0
+        # set by the scheduler: True while the holder is on its way to a recorded point (record: the DR3 hit
+        # that takes a timer/irq point; replay: a point being sought) — no injection may come before it
+        self.hold: Callable[[], bool] | None = None
         self.sink = None
         self.clock = None
         self.log = log or (lambda msg: None)
@@ -175,7 +201,16 @@ class Interrupts:
         if got is None:
             self.blocked[cpu] = 0.0
             return None
-        if not v.vcpu.run.ready_for_interrupt_injection:
+        if v.eintr and not self.halted[cpu]:
+            # KVM_RUN came back for a signal (a watchdog probe, a kick that switched nothing): not an exit
+            # a replay counts, so not a point to inject at — the interrupt waits for the next exit or point.
+            return None
+        if self.hold is not None and not self.halted[cpu] and self.hold():
+            # Record: the point is taken at the DR3 hit on this very instruction, and the interrupt comes
+            # after it.  Replay: the seek's own debug exits are not exits of the recording.  Either way an
+            # injection now would come at an entry the other run does not have.
+            return None
+        if not can_take_interrupt(v):
             # Interrupts are off (or in a shadow).  No interrupt window is requested: on this host KVM's
             # IRQ_WINDOW_OPEN exit comes at different instructions from run to run.  The interrupt waits for
             # the next exit with interrupts on, or for a point the recorder kicks for it (sched.py, "irq").

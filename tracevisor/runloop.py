@@ -105,6 +105,7 @@ class VcpuState:
         self.finished = False  # stopped for good (not paused)
         self.running = False
         self.pending_regs: list[int] | None = None  # registers handed to KVM through sync regs (exact mode)
+        self.eintr = False  # the last KVM_RUN returned EINTR (a kick or signal), not an exit
         self.mem_countdown = 0  # exits until the next periodic memory hash (ExitDispatcher.mem_every)
         self.spin_since: float | None = None  # monotonic time of the first probe that saw IF=0 (watchdog)
         self.spin_rip = 0
@@ -568,12 +569,14 @@ class VcpuRunner:
             if kvm_run(fd, KVM_RUN, 0) < 0:
                 err = get_errno()
                 if err == errno.EINTR or err == errno.EAGAIN:
+                    v.eintr = True
                     if self.interrupted(v):
                         return
                     continue
                 self.kvm_run_failed(v, err)
             if irq is not None:
                 v.irq_queued = False
+                v.eintr = False
             reason, direction, size, port, count, data_offset, rip, data = unpack(mm, 8)
             v.spin_since = None  # an exit: not a spin without exits (the watchdog's probe starts it again)
             if ring:  # --coalesce-console: the queued UART bytes come before this exit
@@ -602,6 +605,8 @@ class VcpuRunner:
                         trace_exit(cpu, monotonic_ns() - t0, 2, rip, port, 0, size, value, dig)
             elif reason == 4 and sched is not None and sched.on_debug(v, run.exit.debug.pc):
                 continue  # the replay's schedule seeking a recorded kick point: not a guest exit
+            elif reason == 17 and sched is not None and sched.seeking is not None and sched.on_unemulated(v, rip):
+                continue  # the sought point is an instruction KVM cannot emulate: reached, not a guest exit
             else:
                 dispatch(v, decode(run, mm, reason, rip))
             if irq is not None:

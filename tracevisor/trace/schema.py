@@ -280,6 +280,10 @@ KINDS: dict[str, Kind] = {
             optional=(
                 Field("rip", "int", "kick, timer, irq: RIP where the vCPU was stopped"),
                 Field("digest", "int", "kick, timer, irq: CRC-32 of the 144-byte struct kvm_regs at that point"),
+                Field("mdigest", "int", "CRC-32 over (page number, contents) of the guest pages written since the "
+                                        "previous `sched` event, in page order (KVM's dirty log and the host's "
+                                        "writes); the replay compares it here, and at a kick point it tells a "
+                                        "loop's passes with equal registers apart"),
             ),
         ),
         Kind(
