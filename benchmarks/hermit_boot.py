@@ -1,7 +1,11 @@
 """Boot-to-exit of the prebuilt Hermit kernels through the instruction fallback: wall and CPU time,
 fallback count, bursts, instructions, mean register-transfer and burst time per burst.
 
-    PYTHONPATH=. python benchmarks/hermit_boot.py [hello_world rusty_demo ...]
+    PYTHONPATH=. python benchmarks/hermit_boot.py [--atomics] [hello_world rusty_demo ...]
+
+``--atomics`` runs each kernel twice side by side: bursts that run through locked instructions (the
+default with one vCPU) and bursts that stop at each one for KVM (what several parallel vCPUs need), and
+prints the ratios of wall and CPU time.
 
 Each kernel gets five environment entries: Hermit 0.6.x hello_world faults with fewer than three
 (docs/compatibility.md), and a fixed environment keeps runs comparable.  A run is bounded by TIMEOUT_S.
@@ -22,9 +26,9 @@ ENV = [f"BENCH_{i}=value{i}" for i in range(5)]
 TIMEOUT_S = 300.0
 
 
-def bench(name: str, cpus: int = 1) -> None:
+def bench(name: str, cpus: int = 1, atomics_in_kvm: bool | None = None) -> tuple[float, float]:
     cfg = session.SessionConfig(kernel=os.path.join(KERNELS, name), cpus=cpus, quiet=True, env=ENV,
-                                timeout=TIMEOUT_S)
+                                timeout=TIMEOUT_S, fallback_atomics=atomics_in_kvm)
     s = session.build_run(cfg)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
@@ -36,13 +40,24 @@ def bench(name: str, cpus: int = 1) -> None:
     st = fb.stats if fb else {}
     s.close()
     b = st.get("bursts", 0) or 1
-    print(f"{name} -c {cpus}: status {info.status} ({info.reason}), wall {wall:.2f} s, cpu {cpu:.2f} s, "
+    how = {None: "", True: " [atomics in KVM]", False: " [atomics in bursts]"}[atomics_in_kvm]
+    print(f"{name} -c {cpus}{how}: status {info.status} ({info.reason}), wall {wall:.2f} s, cpu {cpu:.2f} s, "
           f"bursts {st.get('bursts', 0)}, instructions {st.get('instructions', 0)}, "
           f"xgetbv/xsave/xrstor/#NM {st.get('xgetbv', 0)}/{st.get('xsave', 0)}/{st.get('xrstor', 0)}/"
           f"{st.get('nm', 0)}, transfer {st.get('transfer_ns', 0) / b / 1e3:.0f} µs/burst, "
-          f"burst {st.get('burst_ns', 0) / b / 1e3:.0f} µs/burst, engine set-up {st.get('setup_ns', 0) / 1e6:.0f} ms")
+          f"burst {st.get('burst_ns', 0) / b / 1e3:.0f} µs/burst, engine set-up {st.get('setup_ns', 0) / 1e6:.0f} ms",
+          flush=True)
+    return wall, cpu
 
 
 if __name__ == "__main__":
-    for n in sys.argv[1:] or ["hello_world", "rusty_demo"]:
-        bench(n)
+    args = sys.argv[1:]
+    compare = "--atomics" in args
+    names = [a for a in args if not a.startswith("--")] or ["hello_world", "rusty_demo"]
+    for n in names:
+        if not compare:
+            bench(n)
+            continue
+        w_kvm, c_kvm = bench(n, atomics_in_kvm=True)
+        w_uc, c_uc = bench(n, atomics_in_kvm=False)
+        print(f"{n}: atomics in bursts / atomics in KVM: wall {w_uc / w_kvm:.2f}×, cpu {c_uc / c_kvm:.2f}×")

@@ -195,6 +195,16 @@ def test_codescan_classifies(code, why):
         assert scan.exits == [0x1000] and scan.kinds == {why: 1}
 
 
+def test_codescan_keeps_atomics_apart_for_one_runner():
+    code = b"\xf0\x48\x0f\xb1\x0f" + b"\xfa" + b"\x48\x87\x07"  # lock cmpxchg; cli; xchg [rdi], rax
+    scan = codescan.sweep([(0x1000, code)])
+    assert scan.exit_set() == [0x1000, 0x1005, 0x1006]
+    assert scan.atomic == [0x1000, 0x1006]
+    # one vCPU at a time: a burst runs through locked instructions, still stops at cli
+    assert scan.exit_set(atomics=False) == [0x1005]
+    assert scan.digest(atomics=False) != scan.digest()
+
+
 # -- rusty_demo: threads, floating point (π, matrices, Laplace) through the fallback ----------------------
 
 SLEEP_LINE = re.compile(r"Measured time for 100ms sleep: ([0-9.]+)ms")

@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-SCAN_VERSION = 2  # 2: runs of int3 padding are not exits
+SCAN_VERSION = 3  # 2: runs of int3 padding are not exits; 3: atomic instructions listed apart
 
 # Instructions that only KVM may execute (the emulator must stop before them), by mnemonic.
 KVM_ONLY = frozenset("""
@@ -46,26 +46,37 @@ class CodeScan:
     exits: list[int] = field(default_factory=list)  # instruction starts the emulator must not execute
     kinds: dict[str, int] = field(default_factory=dict)  # why, counted per class (for reports/headers)
     nondeterministic: dict[str, list[int]] = field(default_factory=dict)  # mnemonic → addresses
+    atomic: list[int] = field(default_factory=list)  # the exits that are there only for atomicity (lock, xchg)
     ranges: list[tuple[int, int]] = field(default_factory=list)  # swept [start, end) guest-virtual ranges
     instructions: int = 0
 
-    def digest(self) -> str:
+    def exit_set(self, atomics: bool = True) -> list[int]:
+        """The exits the emulator uses.  ``atomics=False`` when only one vCPU runs at a time (one vCPU, or
+        exact mode's serialized vCPUs): a locked instruction is then atomic in the emulator too, and a
+        burst need not stop there."""
+        if atomics or not self.atomic:
+            return self.exits
+        drop = set(self.atomic)
+        return [a for a in self.exits if a not in drop]
+
+    def digest(self, atomics: bool = True) -> str:
         """A short hash of the exit set (recorded in the trace header; replay must use the same)."""
         h = hashlib.sha256()
-        for a in self.exits:
+        for a in self.exit_set(atomics):
             h.update(a.to_bytes(8, "little"))
         return h.hexdigest()[:16]
 
     def as_json(self) -> dict:
         return {"version": SCAN_VERSION, "exits": self.exits, "kinds": self.kinds,
                 "nondeterministic": self.nondeterministic, "ranges": self.ranges,
-                "instructions": self.instructions}
+                "instructions": self.instructions, "atomic": self.atomic}
 
     @classmethod
     def from_json(cls, d: dict) -> CodeScan:
         return cls(exits=list(d["exits"]), kinds=dict(d["kinds"]),
                    nondeterministic={k: list(v) for k, v in d["nondeterministic"].items()},
-                   ranges=[tuple(r) for r in d["ranges"]], instructions=int(d["instructions"]))
+                   ranges=[tuple(r) for r in d["ranges"]], instructions=int(d["instructions"]),
+                   atomic=list(d.get("atomic", [])))
 
 
 def classify(mnemonic: str, op_str: str) -> str | None:
@@ -113,6 +124,7 @@ def sweep(chunks: list[tuple[int, bytes]]) -> CodeScan:
     exits = []
     kinds: dict[str, int] = {}
     nondet: dict[str, list[int]] = {}
+    atomic: list[int] = []
     n = 0
     for base, data in chunks:
         scan.ranges.append((base, base + len(data)))
@@ -144,9 +156,12 @@ def sweep(chunks: list[tuple[int, bytes]]) -> CodeScan:
             kinds[why] = kinds.get(why, 0) + 1
             if why == "nondeterministic":
                 nondet.setdefault(mnem.split()[-1], []).append(addr)
+            elif why == "atomic":
+                atomic.append(addr)
     scan.exits = sorted(set(exits))
     scan.kinds = kinds
     scan.nondeterministic = nondet
+    scan.atomic = sorted(set(atomic))
     scan.instructions = n
     return scan
 

@@ -143,8 +143,8 @@ class _Engine:
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.host_address)
         self.uc.ctl_exits_enabled(True)
-        if fb.scan.exits:
-            self.uc.ctl_set_exits(fb.scan.exits)
+        if fb.exits:
+            self.uc.ctl_set_exits(fb.exits)
         self.regs = U.kvm_regs()
         self.sregs = U.kvm_sregs()
         self.fpu = U.kvm_fpu()
@@ -370,6 +370,8 @@ class Fallback:
         img = machine.image
         bias = img.load_address if img.pie else 0
         self.scan = codescan.scan_kernel(img.path, img.sha256, bias)
+        self.atomics = atomics_needed(machine)
+        self.exits = self.scan.exit_set(self.atomics)
         self.dis = Disassembler()
         self._engines: dict[int, _Engine] = {}
         self.cpuid_0d: dict[int, tuple[int, int]] = {}
@@ -383,8 +385,8 @@ class Fallback:
         """The fallback configuration for the trace header (replay must run the same)."""
         v = versions()
         return {"engine": "unicorn", "unicorn": v["unicorn"], "capstone": v["capstone"],
-                "budget": self.budget, "exit_set": self.scan.digest(), "exits": len(self.scan.exits),
-                "scan_version": codescan.SCAN_VERSION}
+                "budget": self.budget, "exit_set": self.scan.digest(self.atomics), "exits": len(self.exits),
+                "atomics_in_kvm": self.atomics, "scan_version": codescan.SCAN_VERSION}
 
     # the one entry point from the run loop ----------------------------------------------------
     def handle(self, v) -> dict:
@@ -672,6 +674,15 @@ class Fallback:
         return {"vector": vector, "error_code": error_code}
 
 
+def atomics_needed(machine) -> bool:
+    """Must bursts stop at locked instructions?  Only when several vCPUs run at once: with one vCPU, or
+    exact mode's one-at-a-time vCPUs, nothing can observe a locked instruction half done."""
+    cfg = machine.config
+    if cfg.fallback_atomics is not None:  # a replay: as recorded
+        return cfg.fallback_atomics
+    return cfg.cpus > 1 and not cfg.exact
+
+
 def header_config(machine) -> dict:
     """The header's ``fallback`` map: mode and budget, plus the engines and the exit set when installed
     (the sweep is cached per kernel, so only the first recording of a kernel pays for it)."""
@@ -684,8 +695,10 @@ def header_config(machine) -> dict:
         img = machine.image
         scan = codescan.scan_kernel(img.path, img.sha256, img.load_address if img.pie else 0)
         v = versions()
+        atomics = atomics_needed(machine)
         out.update({"engine": "unicorn", "unicorn": v["unicorn"], "capstone": v["capstone"],
-                    "exit_set": scan.digest(), "exits": len(scan.exits), "scan_version": codescan.SCAN_VERSION})
+                    "exit_set": scan.digest(atomics), "exits": len(scan.exit_set(atomics)),
+                    "atomics_in_kvm": atomics, "scan_version": codescan.SCAN_VERSION})
     except TracevisorError as e:
         out["unavailable"] = str(e)
     return out

@@ -86,9 +86,6 @@ class Interrupts:
         self.host_mark = time.monotonic()  # host time of the last exit (record: when is a tick due?)
         self.next_due: int | None = None  # the earliest deadline of all timers (cache)
         self.injected = 0
-        # set by the scheduler: True while the holder is on its way to a recorded point (record: the DR3 hit
-        # that takes a timer/irq point; replay: a point being sought) — no injection may come before it
-        self.hold: Callable[[], bool] | None = None
         self.sink = None
         self.clock = None
         self.log = log or (lambda msg: None)
@@ -202,13 +199,10 @@ class Interrupts:
             self.blocked[cpu] = 0.0
             return None
         if v.eintr and not self.halted[cpu]:
-            # KVM_RUN came back for a signal (a watchdog probe, a kick that switched nothing): not an exit
-            # a replay counts, so not a point to inject at — the interrupt waits for the next exit or point.
-            return None
-        if self.hold is not None and not self.halted[cpu] and self.hold():
-            # Record: the point is taken at the DR3 hit on this very instruction, and the interrupt comes
-            # after it.  Replay: the seek's own debug exits are not exits of the recording.  Either way an
-            # injection now would come at an entry the other run does not have.
+            # KVM_RUN came back for a signal (a watchdog probe, a kick that switched nothing, a kick whose
+            # timer point is taken at the DR3 hit that follows), or for a replay's breakpoint hit on the
+            # way to a recorded point: not an exit of the recording, so not a point to inject at — the
+            # interrupt waits for the next exit or point.
             return None
         if not can_take_interrupt(v):
             # Interrupts are off (or in a shadow).  No interrupt window is requested: on this host KVM's

@@ -86,8 +86,6 @@ class Scheduler:
         self.switches = 0
         self.hits = 0  # replay: breakpoint hits at the sought point's RIP (matching or not) in this seek
         self.irq = getattr(machine, "irq", None)  # exact mode's user-space interrupts (timer points)
-        if self.irq is not None:
-            self.irq.hold = self.heading_for_point
         self.kick_why: str | None = None  # record: why the pending kick was sent ("kick" or "timer")
         self.timer_points = 0
         self.pending_point: int | None = None  # record: a timer kick's RIP, armed in DR3 (hit at once)
@@ -120,11 +118,6 @@ class Scheduler:
         self._timer = threading.Thread(target=self._tick, name="sched", daemon=True)
         self._timer.start()
 
-    def heading_for_point(self) -> bool:
-        """Is the holder running towards a point (record: a timer/irq point's DR3 hit; replay: a sought
-        point)?  Interrupts wait until it is reached (tracevisor/interrupts.py)."""
-        return self.pending_point is not None or self.seeking is not None
-
     def wait_turn(self, v) -> bool:
         """Block until ``v`` holds the token; False when the VM is stopping."""
         if self.holder == v.cpu:
@@ -140,7 +133,6 @@ class Scheduler:
         # Time spent waiting for the token is not time spent spinning with interrupts off: the spin
         # watchdog's clock starts again when this vCPU next runs without an exit.
         v.spin_since = None
-        v.eintr = False  # it resumes at the recorded switch point: interrupts may be injected there
         if self.seeking is not None:
             self._arm(v, True)
         return not stopping.is_set()
@@ -233,6 +225,7 @@ class Scheduler:
         if self.stepping:  # stepped over a non-matching hit: put the breakpoint back
             self.stepping = False
             self._arm(v, self.seeking is not None)
+            v.eintr = True  # the seek's own exit, not one of the recording: no interrupt is injected after it
             return True
         if self.seeking is None or pc != self.seeking[0] or not self.armed:
             return False
@@ -243,6 +236,7 @@ class Scheduler:
             v.vcpu.set_guest_debug(self._base_control | U.KVM_GUESTDBG_ENABLE | U.KVM_GUESTDBG_SINGLESTEP,
                                    self._base_debug)
             self.stepping = True
+            v.eintr = True
         return True
 
     # -- internals ---------------------------------------------------------------------------------
@@ -323,6 +317,10 @@ class Scheduler:
     def _give(self, nxt: int) -> None:
         with self.cond:
             self.holder = nxt
+            # The new holder resumes at a recorded switch point: interrupts may be injected at its next entry.
+            # (Set here, not when its thread wakes: whether that thread was already waiting is a matter of
+            # host timing, and the decision must be the same in the replay.)
+            self.m.vcpus[nxt].eintr = False
             self.count = 0
             self.since = self.slice_since = self.last_exit = time.monotonic()
             self.at_exit = None

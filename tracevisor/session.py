@@ -75,6 +75,7 @@ class SessionConfig:
     coalesce_console: bool = False  # UART output through KVM's coalesced-I/O ring (no exit per byte)
     fallback: str = "auto"  # instruction fallback (tracevisor/fallback.py): auto | on | off
     fallback_budget: int = 100_000  # instructions per fallback burst at most
+    fallback_atomics: bool | None = None  # bursts stop at locked instructions; None: only if vCPUs run at once
     spin_hang_s: float = 5.0  # a running vCPU with interrupts off this long is reported as a hang
     irq: str | None = None  # interrupt model: "kernel" or "user"; None = "user" in exact mode, else "kernel"
     irq_tsc_khz: int | None = None  # replay: the recorded TSC rate of the user-space TSC-deadline timer
@@ -95,7 +96,7 @@ class SessionConfig:
                         cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s, exact=self.exact,
                         nd_sites=self.nd_sites, schedule=self.schedule, coalesce_console=self.coalesce_console,
                         fallback=self.fallback, fallback_budget=self.fallback_budget,
-                        spin_hang_s=self.spin_hang_s, irq=self.interrupt_model(),
+                        fallback_atomics=self.fallback_atomics, spin_hang_s=self.spin_hang_s, irq=self.interrupt_model(),
                         irq_tsc_khz=self.irq_tsc_khz)
 
     def interrupt_model(self) -> str:
@@ -269,6 +270,8 @@ def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig
         exact=exact, nd_sites=header.get("exact") if exact else None,
         coalesce_console=opts.get("coalesce_console") is True,
         fallback=str(fb.get("mode", "auto")), fallback_budget=int(fb.get("budget", 100_000)),
+        # (recordings made before the rule existed always stopped bursts at locked instructions)
+        fallback_atomics=bool(fb.get("atomics_in_kvm", True)) if fb.get("exit_set") else None,
         spin_hang_s=float(opts.get("spin_hang_s", 5.0)), irq=irq,
         irq_tsc_khz=int(tsc_khz) if isinstance(tsc_khz, int) else None)
 
