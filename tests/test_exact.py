@@ -302,13 +302,11 @@ RACE_DATA = ".balign 8\ncounter: .quad 0\ndone: .long 0\nready: .long 0\nlog: .f
 
 # vCPU 1 prints a line per iteration on the UART until vCPU 0, after some work of its own, tells it to stop;
 # the number of lines depends on where the switches fell.
-PRINTER = """
-  test %rsi, %rsi
-  jnz 3f
-0:
-  cmpq $0, lines(%rip)
-  je 0b
-  mov $15000, %ecx
+def _stopper(value: str, loops: int) -> str:
+    """vCPU 0's part of the two-vCPU guests below: work ``loops`` iterations, set ``stop``, wait for vCPU 1's
+    ``acked``, then exit with ``value`` & 0x7f (the hidden state the replays must reproduce)."""
+    return f"""
+  mov ${loops}, %ecx
 1:
   dec %ecx
   jnz 1b
@@ -316,13 +314,17 @@ PRINTER = """
 2:
   cmpl $1, acked(%rip)
   jne 2b
-  mov lines(%rip), %rax
+  mov {value}(%rip), %rax
   and $0x7f, %rax
-  mov %eax, exitblk(%rip)
-  lea exitblk(%rip), %rax
-  mov $0x540, %dx
-  outl %eax, %dx
-3:
+  mov %eax, exitblk(%rip)""" + EXIT_ASM_0
+
+
+PRINTER = """
+  test %rsi, %rsi
+  jnz 3f
+0:
+  cmpq $0, lines(%rip)
+  je 0b""" + _stopper("lines", 15000) + """3:
   mov $0x800, %dx
 4:
   mov $0x78, %al
@@ -369,22 +371,7 @@ def test_two_vcpus_replay_their_schedule(tmp_path, name, body, data, names):
 # previous switch (the counter's page) tells the passes apart.
 SAME_REGS = """
   test %rsi, %rsi
-  jnz 3f
-  mov $40000, %ecx
-1:
-  dec %ecx
-  jnz 1b
-  movl $1, stop(%rip)
-2:
-  cmpl $1, acked(%rip)
-  jne 2b
-  mov counter(%rip), %rax
-  and $0x7f, %rax
-  mov %eax, exitblk(%rip)
-  lea exitblk(%rip), %rax
-  mov $0x540, %dx
-  outl %eax, %dx
-3:
+  jnz 3f""" + _stopper("counter", 40000) + """3:
   incq counter(%rip)
   xor %eax, %eax
   nop
