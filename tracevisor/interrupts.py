@@ -41,9 +41,6 @@ from .kvm import uapi as U
 from .pit import PIC_PORTS, PIT_PORTS, Pic, Pit
 
 EXIT_NS = 10_000  # virtual time one exit takes
-
-
-
 _RFLAGS_IF = 0x200
 
 
@@ -63,6 +60,7 @@ def can_take_interrupt(v) -> bool:
     raw = bytes(vc.get_vcpu_events().raw)
     # exception.injected, exception.pending, interrupt.injected, interrupt.shadow, nmi.injected
     return not (raw[0] or raw[3] or raw[8] or raw[11] or raw[12])
+
 
 class Interrupts:
     """The user-space interrupt controllers of one VM and the virtual clock they run on."""

@@ -105,7 +105,7 @@ class VcpuState:
         self.finished = False  # stopped for good (not paused)
         self.running = False
         self.pending_regs: list[int] | None = None  # registers handed to KVM through sync regs (exact mode)
-        self.eintr = False  # the last KVM_RUN returned EINTR (a kick or signal), not an exit
+        self.eintr = False  # the next entry is not after an exit of the recording (EINTR, a replay's seek hit)
         self.mem_countdown = 0  # exits until the next periodic memory hash (ExitDispatcher.mem_every)
         self.spin_since: float | None = None  # monotonic time of the first probe that saw IF=0 (watchdog)
         self.spin_rip = 0

@@ -13,14 +13,19 @@ holder is inside KVM_RUN.  The holder gives it up
   the trace format).  Kicks are the last resort because such a point can be ambiguous (below).
 
 Each switch is a ``sched`` event in the giving vCPU's stream: ``n`` (its exits in the slice), ``next``
-(who gets the token), ``why``, and for a kick ``rip`` and ``digest``.
+(who gets the token), ``why``, for a kick ``rip`` and ``digest``, and always ``mdigest``: the CRC-32 over
+(page number, contents) of the pages written since the previous event (KVM's dirty log and the host's
+writes; only the holder ran meanwhile).
 
-A replay follows the list: the holder runs until it has made ``n`` exits; for a kick it then runs on with
-an execution breakpoint (DR3) on ``rip`` and stops at the first hit whose registers have the recorded
-digest — rr's method, with the registers standing in for the branch counter.  A vCPU that halted before
-reaching the point is kicked after :data:`QUANTUM_S` and its registers compared in place.  A hit whose RIP
-matches but whose registers do not is stepped over (one single-step without the breakpoint).  If a loop repeats the same registers
-while memory changes, the first match is taken: such an ambiguity shows up as a divergence later.
+A replay follows the list: the holder runs until it has made ``n`` exits and compares ``mdigest``; for a
+kick it then runs on with an execution breakpoint (DR3) on ``rip`` and stops at the first hit whose
+registers have the recorded digest and whose memory has the recorded ``mdigest`` — rr's method, with the
+registers and the memory written standing in for the branch counter.  A hit whose RIP matches but whose
+registers or memory do not is stepped over (one single-step without the breakpoint); one with the registers
+but not the memory (a loop that repeats its registers while memory changes) is counted as ambiguous.  A
+point at an instruction KVM cannot emulate is found at its emulation-failure exit (no breakpoint fires
+there on these hosts).  A vCPU that halted before reaching the point is kicked after :data:`QUANTUM_S` and
+its registers compared in place; one that makes an exit first has diverged.
 
 While a vCPU does not hold the token it waits outside KVM_RUN, so interrupts other vCPUs send it (IPIs
 through the in-kernel LAPIC) are delivered at its next entry — a point the schedule fixes.
@@ -32,9 +37,9 @@ vCPU is making exits, takes it at the next exit (no RIP: found by counting exits
 jumps to the deadline there and the interrupt is injected before the vCPU re-enters.  The replay finds
 the point as it finds a kick point.  An interrupt that is pending while the guest has interrupts off
 waits for the next exit with interrupts on; when none comes within :data:`BLOCKED_S` the recorder kicks
-again and records that point (``why="irq"``: no time jump, the interrupt is offered there).  The same
-ambiguity applies: in a loop that repeats its registers
-while memory changes, the first matching hit is taken.
+again and records that point (``why="irq"``: no time jump, the interrupt is offered there).  A kick is
+never taken while an interrupt or exception injected before it still waits for delivery: a replay could
+not stop in front of it.
 """
 
 from __future__ import annotations
