@@ -378,6 +378,27 @@ def test_timer_guest_replays_exactly(tmp_path, name):
 
 
 @kvm
+@pytest.mark.parametrize("name", ["x2apic-mixed", "xapic-busy"])
+def test_points_found_at_a_seek_kick_still_take_their_interrupt(tmp_path, monkeypatch, name):
+    """The replay kicks a vCPU that takes long to reach a sought point and looks at where it stopped; a
+    point found that way (not at a breakpoint hit) must still get its interrupt at the next entry, as in
+    the recording.  A tiny quantum makes such kicks frequent (under load they happen anyway)."""
+    from tracevisor import sched
+
+    guest, opts = build_timer_guest(tmp_path, name)
+    sym = guest_symbols(guest)
+    regions = [(sym["ticks"], 16), (sym["log"], 64 * 8)]
+    trace = tmp_path / f"{name}.tvt"
+    info, _header, state, _irq = record_exact(guest, trace, regions=regions, **opts)
+    assert info.reason == "exit", info.message
+    monkeypatch.setattr(sched, "QUANTUM_S", 0.0002)
+    for _ in range(5):
+        res, replayed, _points = replay_memory(trace, regions)
+        assert res.verified, res.message
+        assert replayed == state
+
+
+@kvm
 def test_timer_points_are_recorded_with_registers(tmp_path):
     """A busy loop without exits is cut by timer kicks: each is a `sched` event with RIP and digest."""
     from tracevisor.sched import load_schedule

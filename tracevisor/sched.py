@@ -365,6 +365,9 @@ class Scheduler:
 
     def _reached(self, v) -> None:
         e = self.schedule[self.i]
+        # At the recorded point: its interrupt (a timer or irq point) is injected at the next entry, as in
+        # the recording — also when the point was found at a kick's EINTR rather than at a breakpoint hit.
+        v.eintr = False
         self.sought += 1
         self.mem_compared += "mdigest" in e
         self._new_slice()
