@@ -356,18 +356,25 @@ def build_timer_guest(tmp_path, name: str):
     return build_asm(tmp_path, name.replace("-", "_"), body, DATA), opts
 
 
-@kvm
-@pytest.mark.parametrize("name", list(GUESTS))
-def test_timer_guest_replays_exactly(tmp_path, name):
+def record_timer_guest(tmp_path, name: str) -> tuple:
+    """Build timer guest ``name`` and record it exactly: (trace, the regions holding its hidden state — the
+    tick count and the loop count logged at each tick —, the stop info, that state, the interrupt statistics)."""
     guest, opts = build_timer_guest(tmp_path, name)
     sym = guest_symbols(guest)
     regions = [(sym["ticks"], 16), (sym["log"], 64 * 8)]
     trace = tmp_path / f"{name}.tvt"
     info, header, state, irq = record_exact(guest, trace, regions=regions, **opts)
     assert info.reason == "exit", info.message
+    assert header["interrupts"]["model"] == "user" and header["interrupts"]["pit"] == bool(opts.get("pit"))
+    return trace, regions, info, state, irq
+
+
+@kvm
+@pytest.mark.parametrize("name", list(GUESTS))
+def test_timer_guest_replays_exactly(tmp_path, name):
+    trace, regions, info, state, irq = record_timer_guest(tmp_path, name)
     ticks = int.from_bytes(state[0][:8], "little")
     assert ticks >= 30 and info.code == ticks  # (a tick may land between the last check and the cli)
-    assert header["interrupts"]["model"] == "user" and header["interrupts"]["pit"] == bool(opts.get("pit"))
     assert irq["injected"] >= 30
     logged = [int.from_bytes(state[1][i:i + 8], "little") for i in range(0, 64 * 8, 8)]
     assert len(set(logged[:30])) > 1  # the interrupted loop was at different counts at different ticks
@@ -385,12 +392,7 @@ def test_points_found_at_a_seek_kick_still_take_their_interrupt(tmp_path, monkey
     the recording.  A tiny quantum makes such kicks frequent (under load they happen anyway)."""
     from tracevisor import sched
 
-    guest, opts = build_timer_guest(tmp_path, name)
-    sym = guest_symbols(guest)
-    regions = [(sym["ticks"], 16), (sym["log"], 64 * 8)]
-    trace = tmp_path / f"{name}.tvt"
-    info, _header, state, _irq = record_exact(guest, trace, regions=regions, **opts)
-    assert info.reason == "exit", info.message
+    trace, regions, _info, state, _irq = record_timer_guest(tmp_path, name)
     monkeypatch.setattr(sched, "QUANTUM_S", 0.0002)
     for _ in range(5):
         res, replayed, _points = replay_memory(trace, regions)
