@@ -495,7 +495,7 @@ class Replayer:
                   "compared at every recorded memory hash"}
         sched = self.machine.sched if self.machine is not None else None
         if sched is not None:
-            checks["points"] = {"switch_and_timer_points": sched.i, "sought_by_rip_and_registers": sched.sought,
+            checks["points"] = {"switch_and_timer_points": sched.i, "sought_by_rip_registers_and_memory": sched.sought,
                                 "memory_digests_compared": sched.mem_compared,
                                 "register_only_matches_skipped": sched.ambiguous}
         base = dict(matched=matched, exits=exits, code=info.code, recorded_code=rec_code,

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from . import codescan, xstate
 from .errors import TracevisorError
 from .kvm import uapi as U
+from .runloop import SYNC_REGS_OFFSET
 
-_SYNC_REGS_OFFSET = 304  # struct kvm_regs inside kvm_run (s.regs)
 DEFAULT_BUDGET = 100_000  # instructions per burst at most (bounds interrupt latency; deterministic)
 MODES = ("auto", "on", "off")
 
@@ -381,13 +381,6 @@ class Fallback:
         self.stats = {"bursts": 0, "instructions": 0, "xgetbv": 0, "xsave": 0, "xrstor": 0, "nm": 0,
                       "exceptions": 0, "transfer_ns": 0, "burst_ns": 0, "setup_ns": 0}
 
-    def config(self) -> dict:
-        """The fallback configuration for the trace header (replay must run the same)."""
-        v = versions()
-        return {"engine": "unicorn", "unicorn": v["unicorn"], "capstone": v["capstone"],
-                "budget": self.budget, "exit_set": self.scan.digest(self.atomics), "exits": len(self.exits),
-                "atomics_in_kvm": self.atomics, "scan_version": codescan.SCAN_VERSION}
-
     # the one entry point from the run loop ----------------------------------------------------
     def handle(self, v) -> dict:
         """Make progress for vCPU ``v`` stopped at an instruction KVM could not emulate.
@@ -403,7 +396,7 @@ class Fallback:
         t0 = time.perf_counter_ns()
         vc_regs = eng.regs
         if vc.sync_regs:  # KVM stored the registers in kvm_run at this exit: no KVM_GET_REGS
-            ctypes.memmove(ctypes.addressof(vc_regs), ctypes.addressof(vc.run) + _SYNC_REGS_OFFSET,
+            ctypes.memmove(ctypes.addressof(vc_regs), ctypes.addressof(vc.run) + SYNC_REGS_OFFSET,
                            ctypes.sizeof(vc_regs))
         else:
             r = vc.get_regs()

@@ -58,8 +58,13 @@ def can_take_interrupt(v) -> bool:
     if not rflags & _RFLAGS_IF:
         return False
     raw = bytes(vc.get_vcpu_events().raw)
-    # exception.injected, exception.pending, interrupt.injected, interrupt.shadow, nmi.injected
-    return not (raw[0] or raw[3] or raw[8] or raw[11] or raw[12])
+    return not (event_in_delivery(raw) or raw[11])  # interrupt.shadow
+
+
+def event_in_delivery(raw: bytes) -> bool:
+    """In a struct kvm_vcpu_events: is an exception (injected or pending), an interrupt or an NMI waiting
+    to be delivered at the vCPU's next entry?"""
+    return bool(raw[0] or raw[3] or raw[8] or raw[12])
 
 
 class Interrupts:

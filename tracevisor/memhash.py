@@ -118,8 +118,8 @@ class MemoryHasher:
 
     def differing(self, recorded: dict[int, int], limit: int = 8) -> list[dict]:
         """Pages whose CRC differs from ``recorded`` (page → crc; absent = all zeros), each with the byte
-        runs the replay changed there since the last matching hash (``changed``, at most 4; the first
-        also as ``first_changed``).  The recording holds only CRCs, so the bytes that differ are among
+        runs the replay changed there since the last matching hash (``changed``, at most 4).  The recording
+        holds only CRCs, so the bytes that differ are among
         those runs or among bytes the recording changed and the replay did not."""
         out = []
         crcs = self.crcs
@@ -133,7 +133,6 @@ class MemoryHasher:
                 runs = changed_runs(before if before is not None else bytes(PAGE), self.memory.page(p), p << 12)
                 if runs:
                     entry["changed"] = runs
-                    entry["first_changed"] = runs[0]
             out.append(entry)
             if len(out) >= limit:
                 break

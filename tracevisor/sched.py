@@ -50,6 +50,7 @@ import time
 import zlib
 
 from .errors import Divergence, TracevisorError
+from .interrupts import event_in_delivery
 from .kvm import uapi as U
 from .status import StopReason
 
@@ -198,9 +199,7 @@ class Scheduler:
         """Is an event injected before this KVM_RUN — an interrupt, or an exception from the instruction
         fallback (#NM, #PF …) — still waiting for delivery (KVM returned without entering the guest)?
         Once the guest ran, KVM delivered it."""
-        raw = bytes(v.vcpu.get_vcpu_events().raw)
-        # exception.injected, exception.pending, interrupt.injected, nmi.injected
-        if raw[0] or raw[3] or raw[8] or raw[12]:
+        if event_in_delivery(bytes(v.vcpu.get_vcpu_events().raw)):
             return True
         v.irq_queued = False
         return False
@@ -273,9 +272,10 @@ class Scheduler:
             crc = zlib.crc32(mv[p << 12:(p + 1) << 12], zlib.crc32(p.to_bytes(4, "little"), crc))
         return crc
 
-    def _new_slice(self) -> None:
-        """A point was taken: the next memory digest covers the pages written from here on."""
-        if self.tracker is not None:
+    def _new_slice(self, digested: bool = False) -> None:
+        """A point was taken: the next memory digest covers the pages written from here on.  ``digested``:
+        :meth:`mem_digest` has just read the dirty log at this point (no second KVM_GET_DIRTY_LOG)."""
+        if self.tracker is not None and not digested:
             self.tracker.take(self.consumer)
         self.slice_pages = set()
 
@@ -298,7 +298,7 @@ class Scheduler:
         fields["mdigest"] = self.mem_digest()
         if self.m.sink is not None:
             self.m.sink.event("sched", v.cpu, self.m.clock.now(), **fields)
-        self._new_slice()
+        self._new_slice(digested=True)
         self._give(nxt)
 
     def _timer_point(self, v, rip: int | None, dig: int | None, why: str) -> None:
@@ -310,7 +310,7 @@ class Scheduler:
         fields["mdigest"] = self.mem_digest()
         if self.m.sink is not None:
             self.m.sink.event("sched", v.cpu, self.m.clock.now(), **fields)
-        self._new_slice()
+        self._new_slice(digested=True)
         self.timer_points += 1
         self.count = 0
         self.since = time.monotonic()
@@ -356,7 +356,7 @@ class Scheduler:
                                  f"the recorded {e.get('why')} point after {e['n']} exits", kind="sched",
                                  seq=e.get("seq"))
             self.mem_compared += "mdigest" in e
-            self._new_slice()
+            self._new_slice(digested="mdigest" in e)
             self.i += 1
             if e.get("why") in ("timer", "irq"):
                 self._replay_timer(e)
@@ -370,7 +370,7 @@ class Scheduler:
         v.eintr = False
         self.sought += 1
         self.mem_compared += "mdigest" in e
-        self._new_slice()
+        self._new_slice(digested="mdigest" in e)  # (the match compared it)
         self.seeking = None
         self._arm(v, False)
         self.i += 1
