@@ -26,9 +26,11 @@ ENV = [f"BENCH_{i}=value{i}" for i in range(5)]
 TIMEOUT_S = 300.0
 
 
-def bench(name: str, cpus: int = 1, atomics_in_kvm: bool | None = None) -> tuple[float, float]:
+def bench(name: str, cpus: int = 1, atomics_in_kvm: bool | None = None, unit: str = "blocks") -> tuple[float, float]:
+    budget = {"blocks": session.SessionConfig.fallback_budget, "instructions": 100_000}[unit]
     cfg = session.SessionConfig(kernel=os.path.join(KERNELS, name), cpus=cpus, quiet=True, env=ENV,
-                                timeout=TIMEOUT_S, fallback_atomics=atomics_in_kvm)
+                                timeout=TIMEOUT_S, fallback_atomics=atomics_in_kvm, fallback_budget=budget,
+                                fallback_budget_unit=unit)
     s = session.build_run(cfg)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
@@ -41,8 +43,11 @@ def bench(name: str, cpus: int = 1, atomics_in_kvm: bool | None = None) -> tuple
     s.close()
     b = st.get("bursts", 0) or 1
     how = {None: "", True: " [atomics in KVM]", False: " [atomics in bursts]"}[atomics_in_kvm]
+    how += f" [budget {budget} {unit}]"
+    blocks = st.get("blocks", 0)
+    per_block = f" ({st.get('instructions', 0) / blocks:.1f}/block)" if blocks else ""
     print(f"{name} -c {cpus}{how}: status {info.status} ({info.reason}), wall {wall:.2f} s, cpu {cpu:.2f} s, "
-          f"bursts {st.get('bursts', 0)}, instructions {st.get('instructions', 0)}, "
+          f"bursts {st.get('bursts', 0)}, instructions {st.get('instructions', 0)}{per_block}, "
           f"xgetbv/xsave/xrstor/#NM {st.get('xgetbv', 0)}/{st.get('xsave', 0)}/{st.get('xrstor', 0)}/"
           f"{st.get('nm', 0)}, transfer {st.get('transfer_ns', 0) / b / 1e3:.0f} µs/burst, "
           f"burst {st.get('burst_ns', 0) / b / 1e3:.0f} µs/burst, engine set-up {st.get('setup_ns', 0) / 1e6:.0f} ms",
@@ -55,6 +60,12 @@ if __name__ == "__main__":
     compare = "--atomics" in args
     names = [a for a in args if not a.startswith("--")] or ["hello_world", "rusty_demo"]
     for n in names:
+        if "--units" in args:
+            w_i, c_i = bench(n, unit="instructions")
+            w_b, c_b = bench(n, unit="blocks")
+            print(f"{n}: block budget (native block counter) / instruction budget (Unicorn's counter): "
+                  f"wall {w_b / w_i:.2f}×, cpu {c_b / c_i:.2f}×")
+            continue
         if not compare:
             bench(n)
             continue

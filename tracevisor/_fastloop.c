@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <time.h>
@@ -370,6 +371,262 @@ static PyTypeObject LoopType = {
     .tp_methods = Loop_methods,
 };
 
+/*
+ * BlockCounter: the instruction fallback's burst budget and instruction count, as a Unicorn block hook in C.
+ *
+ * Why: Unicorn's own instruction budget (uc_emu_start's count) calls a helper before every instruction, which
+ * doubles the cost of emulated code; a Python block hook costs a callback per block.  This hook runs once per
+ * translation block entered: it stops the burst before the block that would exceed the budget (in blocks, so
+ * where a burst ends depends only on the code, as translation blocks do), and adds the block's instruction
+ * count from a table keyed by (address, size).  Blocks not in the table yet are counted by visits; Python
+ * disassembles them after the burst (result/learn) and the table knows them from then on.
+ *
+ * The hook runs inside uc_emu_start, called through ctypes with the GIL released: it touches only this
+ * object's C fields and the C heap.
+ */
+typedef struct {
+    uint64_t addr;
+    uint32_t size;
+    uint32_t n;      /* instructions in the block; BC_UNKNOWN until learnt */
+    uint64_t visits; /* entries while unknown (this burst) */
+} BcEntry;
+
+#define BC_UNKNOWN 0xFFFFFFFFu
+#define BC_EMPTY UINT64_MAX
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t blocks, limit, insns;
+    int64_t last; /* table index of the block entered last, -1 none */
+    int budget_hit;
+    int failed; /* out of memory inside the hook: the burst stopped, the result says so */
+    int (*stop)(void *);
+    BcEntry *table;
+    uint32_t mask, used;
+    uint32_t *pending;
+    uint32_t npending, cap;
+} BlockCounter;
+
+static uint32_t bc_hash(uint64_t addr, uint32_t size) {
+    uint64_t h = (addr ^ ((uint64_t)size << 48)) * 0x9E3779B97F4A7C15ull;
+    return (uint32_t)(h >> 32);
+}
+
+static int bc_alloc(BlockCounter *c, uint32_t slots) {
+    BcEntry *t = malloc(sizeof(BcEntry) * slots);
+    if (t == NULL) return -1;
+    for (uint32_t i = 0; i < slots; i++) t[i].addr = BC_EMPTY;
+    BcEntry *old = c->table;
+    uint32_t old_slots = old ? c->mask + 1 : 0;
+    c->table = t;
+    c->mask = slots - 1;
+    c->used = 0;
+    c->npending = 0; /* indices change: pending blocks are re-found by their unknown count below */
+    for (uint32_t i = 0; i < old_slots; i++) {
+        if (old[i].addr == BC_EMPTY) continue;
+        uint32_t j = bc_hash(old[i].addr, old[i].size) & c->mask;
+        while (t[j].addr != BC_EMPTY) j = (j + 1) & c->mask;
+        t[j] = old[i];
+        c->used++;
+        if (t[j].n == BC_UNKNOWN && t[j].visits) {
+            if (c->npending == c->cap) {
+                uint32_t cap = c->cap ? c->cap * 2 : 256;
+                uint32_t *p = realloc(c->pending, sizeof(uint32_t) * cap);
+                if (p == NULL) { free(old); return -1; }
+                c->pending = p;
+                c->cap = cap;
+            }
+            c->pending[c->npending++] = j;
+        }
+    }
+    free(old);
+    return 0;
+}
+
+static void bc_hook(void *uc, uint64_t addr, uint32_t size, void *user) {
+    BlockCounter *c = (BlockCounter *)user;
+    if (c->blocks >= c->limit) {
+        c->budget_hit = 1;
+        c->stop(uc); /* before the block runs: it starts the next burst */
+        return;
+    }
+    if ((c->used + 1) * 2 > c->mask + 1 && bc_alloc(c, (c->mask + 1) * 2) < 0) {
+        c->failed = 1;
+        c->stop(uc);
+        return;
+    }
+    uint32_t j = bc_hash(addr, size) & c->mask;
+    BcEntry *e;
+    for (;;) {
+        e = &c->table[j];
+        if (e->addr == addr && e->size == size) break;
+        if (e->addr == BC_EMPTY) {
+            e->addr = addr;
+            e->size = size;
+            e->n = BC_UNKNOWN;
+            e->visits = 0;
+            c->used++;
+            break;
+        }
+        j = (j + 1) & c->mask;
+    }
+    c->blocks++;
+    c->last = j;
+    if (e->n != BC_UNKNOWN) {
+        c->insns += e->n;
+        return;
+    }
+    if (e->visits++ == 0) {
+        if (c->npending == c->cap) {
+            uint32_t cap = c->cap ? c->cap * 2 : 256;
+            uint32_t *p = realloc(c->pending, sizeof(uint32_t) * cap);
+            if (p == NULL) {
+                c->failed = 1;
+                c->stop(uc);
+                return;
+            }
+            c->pending = p;
+            c->cap = cap;
+        }
+        c->pending[c->npending++] = j;
+    }
+}
+
+static int BlockCounter_init(BlockCounter *c, PyObject *args, PyObject *kw) {
+    static char *names[] = {"stop", NULL};
+    unsigned long long stop;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K", names, &stop)) return -1;
+    if (stop == 0) {
+        PyErr_SetString(PyExc_ValueError, "stop: the address of uc_emu_stop");
+        return -1;
+    }
+    c->stop = (int (*)(void *))(uintptr_t)stop;
+    c->last = -1;
+    if (c->table == NULL && bc_alloc(c, 1u << 14) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void BlockCounter_dealloc(BlockCounter *c) {
+    free(c->table);
+    free(c->pending);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyObject *BlockCounter_start(BlockCounter *c, PyObject *arg) {
+    unsigned long long limit = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    for (uint32_t k = 0; k < c->npending; k++) c->table[c->pending[k]].visits = 0;
+    c->npending = 0;
+    c->blocks = 0;
+    c->insns = 0;
+    c->limit = limit;
+    c->last = -1;
+    c->budget_hit = 0;
+    c->failed = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *BlockCounter_result(BlockCounter *c, PyObject *Py_UNUSED(ignored)) {
+    PyObject *pending = PyList_New(c->npending);
+    if (pending == NULL) return NULL;
+    for (uint32_t k = 0; k < c->npending; k++) {
+        BcEntry *e = &c->table[c->pending[k]];
+        PyObject *t = Py_BuildValue("KIK", (unsigned long long)e->addr, (unsigned)e->size,
+                                    (unsigned long long)e->visits);
+        if (t == NULL) {
+            Py_DECREF(pending);
+            return NULL;
+        }
+        PyList_SET_ITEM(pending, k, t);
+    }
+    PyObject *last;
+    if (c->last >= 0) {
+        BcEntry *e = &c->table[c->last];
+        last = Py_BuildValue("KIl", (unsigned long long)e->addr, (unsigned)e->size,
+                             e->n == BC_UNKNOWN ? -1L : (long)e->n);
+    } else {
+        last = Py_NewRef(Py_None);
+    }
+    if (last == NULL) {
+        Py_DECREF(pending);
+        return NULL;
+    }
+    return Py_BuildValue("KKiiNN", (unsigned long long)c->blocks, (unsigned long long)c->insns, c->budget_hit,
+                         c->failed, last, pending);
+}
+
+static PyObject *BlockCounter_learn(BlockCounter *c, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "learn: a sequence of instruction counts, one per pending block");
+    if (seq == NULL) return NULL;
+    if (PySequence_Fast_GET_SIZE(seq) != (Py_ssize_t)c->npending) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "learn: one count per pending block");
+        return NULL;
+    }
+    for (uint32_t k = 0; k < c->npending; k++) {
+        unsigned long n = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, k));
+        if (PyErr_Occurred() || n >= BC_UNKNOWN) {
+            Py_DECREF(seq);
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "learn: count out of range");
+            return NULL;
+        }
+        BcEntry *e = &c->table[c->pending[k]];
+        e->n = (uint32_t)n;
+        e->visits = 0;
+    }
+    c->npending = 0;
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+static PyObject *BlockCounter_forget(BlockCounter *c, PyObject *Py_UNUSED(ignored)) {
+    for (uint32_t i = 0; i <= c->mask; i++) c->table[i].addr = BC_EMPTY;
+    c->used = 0;
+    c->npending = 0;
+    c->last = -1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *BlockCounter_get_hook(BlockCounter *Py_UNUSED(c), void *Py_UNUSED(closure)) {
+    return PyLong_FromVoidPtr((void *)(uintptr_t)bc_hook);
+}
+
+static PyObject *BlockCounter_get_address(BlockCounter *c, void *Py_UNUSED(closure)) {
+    return PyLong_FromVoidPtr((void *)c);
+}
+
+static PyMethodDef BlockCounter_methods[] = {
+    {"start", (PyCFunction)BlockCounter_start, METH_O, "start(limit): a new burst of at most limit blocks."},
+    {"result", (PyCFunction)BlockCounter_result, METH_NOARGS,
+     "(blocks, instructions in known blocks, budget hit, failed, (addr, size, n or -1) of the last block or None, "
+     "[(addr, size, visits)] of the blocks not known yet)."},
+    {"learn", (PyCFunction)BlockCounter_learn, METH_O,
+     "learn(counts): the instruction counts of the pending blocks, in result()'s order."},
+    {"forget", (PyCFunction)BlockCounter_forget, METH_NOARGS, "Forget every block (the guest's code changed)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef BlockCounter_getset[] = {
+    {"hook", (getter)BlockCounter_get_hook, NULL, "address of the C block hook (uc_cb_hookcode_t)", NULL},
+    {"address", (getter)BlockCounter_get_address, NULL, "the hook's user_data: this object", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject BlockCounterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tracevisor._fastloop.BlockCounter",
+    .tp_basicsize = sizeof(BlockCounter),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The instruction fallback's burst budget (in translation blocks) and instruction count.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)BlockCounter_init,
+    .tp_dealloc = (destructor)BlockCounter_dealloc,
+    .tp_methods = BlockCounter_methods,
+    .tp_getset = BlockCounter_getset,
+};
+
 static PyObject *mod_crc32(PyObject *Py_UNUSED(self), PyObject *arg) {
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
@@ -391,12 +648,18 @@ PyMODINIT_FUNC PyInit__fastloop(void) {
 #ifndef TV_HAVE_ZLIB
     crc_init();
 #endif
-    if (PyType_Ready(&LoopType) < 0) return NULL;
+    if (PyType_Ready(&LoopType) < 0 || PyType_Ready(&BlockCounterType) < 0) return NULL;
     PyObject *m = PyModule_Create(&moddef);
     if (m == NULL) return NULL;
     Py_INCREF(&LoopType);
     if (PyModule_AddObject(m, "Loop", (PyObject *)&LoopType) < 0) {
         Py_DECREF(&LoopType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&BlockCounterType);
+    if (PyModule_AddObject(m, "BlockCounter", (PyObject *)&BlockCounterType) < 0) {
+        Py_DECREF(&BlockCounterType);
         Py_DECREF(m);
         return NULL;
     }
@@ -413,7 +676,7 @@ PyMODINIT_FUNC PyInit__fastloop(void) {
 #else
               PyModule_AddIntConstant(m, "ZLIB", 0) ||
 #endif
-              PyModule_AddIntConstant(m, "ABI", 1);
+              PyModule_AddIntConstant(m, "ABI", 2);
     if (bad) {
         Py_DECREF(m);
         return NULL;

@@ -33,7 +33,8 @@ from .errors import TracevisorError
 from .kvm import uapi as U
 from .runloop import SYNC_REGS_OFFSET
 
-DEFAULT_BUDGET = 100_000  # instructions per burst at most (bounds interrupt latency; deterministic)
+DEFAULT_BUDGET = 10_000  # translation blocks per burst at most (bounds interrupt latency; deterministic)
+BUDGET_UNITS = ("blocks", "instructions")  # "instructions": recordings made before budgets counted blocks
 MODES = ("auto", "on", "off")
 
 # Exception vectors (hook_intr numbers) that are faults at an instruction, and which carry an error code
@@ -207,9 +208,25 @@ class _Engine:
         self.icount_cache: dict[tuple[int, int], int] = {}
         self.uc.hook_add(UC_HOOK_INTR, self._on_intr)
         self.uc.hook_add(UC_HOOK_MEM_INVALID, self._on_invalid)
-        self.counter_offset = _counter_offset()
-        if self.counter_offset is None:  # unknown Unicorn build: count with a (slow) block hook instead
-            self.uc.hook_add(UC_HOOK_BLOCK, self._on_block)
+        self.unit = fb.budget_unit
+        self.counter_offset = None
+        self.native = None  # the C block counter (tracevisor._fastloop.BlockCounter)
+        self.limit = 0
+        if self.unit == "blocks":
+            self.native = _native_counter(uclib)
+            if self.native is not None:
+                handle = ctypes.c_size_t()
+                err = uclib.uc_hook_add(self.uch, ctypes.byref(handle), UC_HOOK_BLOCK,
+                                        ctypes.c_void_p(self.native.hook), ctypes.c_void_p(self.native.address),
+                                        ctypes.c_uint64(1), ctypes.c_uint64(0))
+                if err:
+                    raise TracevisorError(f"unicorn rejected the block hook (error {err})")
+            else:  # no native extension: the same budget and count from a Python block hook (slower)
+                self.uc.hook_add(UC_HOOK_BLOCK, self._on_block)
+        else:  # a recording made with an instruction budget: Unicorn's own per-instruction budget
+            self.counter_offset = _counter_offset()
+            if self.counter_offset is None:  # unknown Unicorn build: count with a (slow) block hook instead
+                self.uc.hook_add(UC_HOOK_BLOCK, self._on_block)
 
     # hooks (called from inside uc_emu_start) ---------------------------------------------------
     def _on_intr(self, uc, intno, _user) -> None:
@@ -222,15 +239,26 @@ class _Engine:
 
     def _on_block(self, uc, address, size, _user) -> None:
         # A translation block is entered: the previous one ran to its end (exits split blocks).
+        if self.limit:  # a budget in blocks (the native counter's rule): stop before the block runs
+            if self.blocks >= self.limit:
+                self.budget_hit = True
+                uc.emu_stop()
+                return
+            self.blocks += 1
         self.counted += self.block_icount
         key = (address, size)
         n = self.icount_cache.get(key)
         if n is None:
-            code = bytes(uc.mem_read(address, size)) if size else b""
-            n = self.fb.dis.count_between(code, address, address + size) if size else 0
-            self.icount_cache[key] = n
+            n = self.icount_cache[key] = self._block_icount(address, size)
         self.block_icount = n
         self.last_block = key
+
+    def _block_icount(self, address: int, size: int) -> int:
+        """Instructions in the translation block at ``address`` (virtual) of ``size`` bytes."""
+        if not size:
+            return 0
+        code = self.fb.read_virtual(address, size, self.sregs.cr3)
+        return self.fb.dis.count_between(code, address, address + size)
 
     # transfer ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -290,19 +318,34 @@ class _Engine:
         return ftwx != 0 or old != (fp.fcw, fp.fsw, fp.ftwx)
 
     def run(self, rip: int, budget: int) -> tuple[str, int]:
+        """One burst from ``rip``: (why it stopped, instructions executed)."""
         self.vector = None
         self.bad_access = None
         self.counted = 0
         self.block_icount = 0
         self.last_block = (0, 0)
+        self.blocks = 0
+        self.budget_hit = False
         from unicorn import UcError
 
+        if self.unit == "blocks":
+            if self.native is not None:
+                self.native.start(budget)
+            else:
+                self.limit = budget
+            count = 0
+        else:
+            count = budget
         try:
-            self.uc.emu_start(rip, 0, 0, budget)
+            self.uc.emu_start(rip, 0, 0, count)
         except UcError as e:
             if self.bad_access is None and self.vector is None:
                 return f"error:{e}", 0
         end = self.uc.reg_read(self.X.UC_X86_REG_RIP)
+        if self.native is not None:
+            return self._native_result(end)
+        if self.unit == "blocks" and self.budget_hit:
+            return "budget", self.counted + self.block_icount
         if self.counter_offset is not None:
             started = ctypes.c_uint64.from_address(self.uch.value + self.counter_offset).value
             if self.vector is not None:
@@ -323,9 +366,44 @@ class _Engine:
             return "fault", count
         if self.bad_access is not None:
             return "mmio", count
-        if count >= budget:
+        if self.unit != "blocks" and count >= budget:
             return "budget", count
         return "exit", count
+
+    def _native_result(self, end: int) -> tuple[str, int]:
+        """The native counter's burst: blocks entered, instructions — disassembling the blocks it met for the
+        first time — and the part of the last block that ran when the burst stopped inside it."""
+        self.blocks, insns, budget_hit, failed, last, pending = self.native.result()
+        if failed:
+            raise TracevisorError("the fallback's block counter ran out of memory")
+        if pending:
+            ns = []
+            for addr, size, visits in pending:
+                n = self._block_icount(addr, size)
+                ns.append(n)
+                insns += n * visits
+            self.native.learn(ns)
+            if last is not None and last[2] < 0:
+                last = (last[0], last[1], ns[[p[:2] for p in pending].index(last[:2])])
+        if budget_hit:
+            return "budget", insns
+        if self.vector is None and self.bad_access is None:
+            return "exit", insns
+        # stopped inside the last block, before the instruction at ``end``
+        if last is not None and last[0] <= end < last[0] + last[1]:
+            code = self.fb.read_virtual(last[0], last[1], self.sregs.cr3)
+            insns += self.fb.dis.count_between(code, last[0], end) - last[2]
+        return ("fault" if self.vector is not None else "mmio"), insns
+
+
+def _native_counter(uclib):
+    """A new C block counter bound to this Unicorn library, or None without the native extension."""
+    from . import fastloop
+
+    mod = fastloop.load()
+    if mod is None or not hasattr(mod, "BlockCounter"):
+        return None
+    return mod.BlockCounter(ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value)
 
 
 _COUNTER_OFFSET: list = []
@@ -363,10 +441,13 @@ def _counter_offset() -> int | None:
 class Fallback:
     """The per-machine fallback: a sweep of the kernel, one engine per vCPU, statistics."""
 
-    def __init__(self, machine, budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(self, machine, budget: int = DEFAULT_BUDGET, unit: str = "blocks") -> None:
         load_engines()
         self.machine = machine
         self.budget = budget
+        if unit not in BUDGET_UNITS:
+            raise TracevisorError(f"unknown fallback budget unit {unit!r} (known: {', '.join(BUDGET_UNITS)})")
+        self.budget_unit = unit
         img = machine.image
         bias = img.load_address if img.pie else 0
         self.scan = codescan.scan_kernel(img.path, img.sha256, bias)
@@ -378,7 +459,7 @@ class Fallback:
         for e in machine.cpuid:
             if e.function == 0xD and e.index >= 2:
                 self.cpuid_0d[e.index] = (e.eax, e.ebx)
-        self.stats = {"bursts": 0, "instructions": 0, "xgetbv": 0, "xsave": 0, "xrstor": 0, "nm": 0,
+        self.stats = {"bursts": 0, "instructions": 0, "blocks": 0, "xgetbv": 0, "xsave": 0, "xrstor": 0, "nm": 0,
                       "exceptions": 0, "transfer_ns": 0, "burst_ns": 0, "setup_ns": 0}
 
     # the one entry point from the run loop ----------------------------------------------------
@@ -458,19 +539,23 @@ class Fallback:
         st = self.stats
         st["bursts"] += 1
         st["instructions"] += count
+        st["blocks"] += eng.blocks
         st["transfer_ns"] += (t1 - t0) + (t3 - t2)
         st["burst_ns"] += t2 - t1
         return {"kind": "burst", **fields}
 
     # helpers -----------------------------------------------------------------------------------
     def _code(self, rip: int, cr3: int) -> bytes:
+        return self.read_virtual(rip, 15, cr3)
+
+    def read_virtual(self, va: int, size: int, cr3: int) -> bytes:
+        """Up to ``size`` bytes of guest memory at virtual ``va`` (fewer where the mapping ends)."""
         mem = self.machine.memory
         out = b""
-        va = rip
-        while len(out) < 15:
+        while len(out) < size:
             try:
                 gpa, room = mem.translate(va, cr3)
-                n = min(room, 15 - len(out), mem.size - gpa)
+                n = min(room, size - len(out), mem.size - gpa)
                 if n <= 0:
                     break
                 out += mem.read(gpa, n)
@@ -680,7 +765,7 @@ def header_config(machine) -> dict:
     """The header's ``fallback`` map: mode and budget, plus the engines and the exit set when installed
     (the sweep is cached per kernel, so only the first recording of a kernel pays for it)."""
     cfg = machine.config
-    out: dict = {"mode": cfg.fallback, "budget": cfg.fallback_budget}
+    out: dict = {"mode": cfg.fallback, "budget": cfg.fallback_budget, "budget_unit": cfg.fallback_budget_unit}
     if cfg.fallback == "off":
         return out
     try:
@@ -707,7 +792,8 @@ def step(machine, v) -> bool:
     fb = machine.fallback
     if fb is None:
         try:
-            fb = machine.fallback = Fallback(machine, machine.config.fallback_budget)
+            fb = machine.fallback = Fallback(machine, machine.config.fallback_budget,
+                                             machine.config.fallback_budget_unit)
         except TracevisorError as e:
             machine.fallback_error = str(e)
             return False

@@ -32,7 +32,7 @@ from typing import Any
 from .kvm import uapi as U
 
 SOURCE = Path(__file__).resolve().parent / "_fastloop.c"
-ABI = 1  # bumped with every incompatible change of the extension's interface
+ABI = 2  # bumped with every incompatible change of the extension's interface
 
 _lock = threading.Lock()
 _state: dict = {}  # "module": the loaded module or None, "why": the reason it is None

@@ -74,7 +74,8 @@ class SessionConfig:
     schedule: list | None = None  # replay: the recorded vCPU schedule (`sched` events)
     coalesce_console: bool = False  # UART output through KVM's coalesced-I/O ring (no exit per byte)
     fallback: str = "auto"  # instruction fallback (tracevisor/fallback.py): auto | on | off
-    fallback_budget: int = 100_000  # instructions per fallback burst at most
+    fallback_budget: int = 10_000  # translation blocks per fallback burst at most (or instructions, below)
+    fallback_budget_unit: str = "blocks"  # replay of an older recording: "instructions"
     fallback_atomics: bool | None = None  # bursts stop at locked instructions; None: only if vCPUs run at once
     spin_hang_s: float = 5.0  # a running vCPU with interrupts off this long is reported as a hang
     irq: str | None = None  # interrupt model: "kernel" or "user"; None = "user" in exact mode, else "kernel"
@@ -96,6 +97,7 @@ class SessionConfig:
                         cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s, exact=self.exact,
                         nd_sites=self.nd_sites, schedule=self.schedule, coalesce_console=self.coalesce_console,
                         fallback=self.fallback, fallback_budget=self.fallback_budget,
+                        fallback_budget_unit=self.fallback_budget_unit,
                         fallback_atomics=self.fallback_atomics, spin_hang_s=self.spin_hang_s, irq=self.interrupt_model(),
                         irq_tsc_khz=self.irq_tsc_khz)
 
@@ -121,6 +123,8 @@ class SessionConfig:
             raise TracevisorError(f"--fallback {self.fallback}: use auto, on or off")
         if not 1 <= self.fallback_budget <= 1 << 31:
             raise TracevisorError(f"--fallback-budget {self.fallback_budget}: must be 1 to {1 << 31}")
+        if self.fallback_budget_unit not in ("blocks", "instructions"):
+            raise TracevisorError(f"fallback budget unit {self.fallback_budget_unit!r}: blocks or instructions")
         if not 0 <= self.spin_hang_s < float("inf"):
             raise TracevisorError(f"--spin-hang {self.spin_hang_s}: must be 0 (off) or a number of seconds")
         if self.fallback == "on":
@@ -270,6 +274,8 @@ def config_from_header(header: dict, kernel: str | None = None) -> SessionConfig
         exact=exact, nd_sites=header.get("exact") if exact else None,
         coalesce_console=opts.get("coalesce_console") is True,
         fallback=str(fb.get("mode", "auto")), fallback_budget=int(fb.get("budget", 100_000)),
+        # (recordings made before budgets counted translation blocks counted instructions)
+        fallback_budget_unit=str(fb.get("budget_unit", "instructions")),
         # (recordings made before the rule existed always stopped bursts at locked instructions)
         fallback_atomics=bool(fb.get("atomics_in_kvm", True)) if fb.get("exit_set") else None,
         spin_hang_s=float(opts.get("spin_hang_s", 5.0)), irq=irq,

@@ -478,8 +478,9 @@ HEADER_FIELDS: tuple[Field, ...] = (
                              "compares them only then"),
     Field("memhash", "map", "`{every: int, hypercalls: bool}`: a `mem` event every `every` exits of the vCPU (0: "
                             "none) and after every hypercall; absent when the trace has no `mem` events"),
-    Field("fallback", "map", "instruction fallback configuration: `{mode: str, budget: int}` plus, "
-                             "when the engines are installed, `{engine, unicorn, capstone, exit_set, exits, "
+    Field("fallback", "map", "instruction fallback configuration: `{mode: str, budget: int, budget_unit: str}` "
+                             "(budget_unit \"blocks\": translation blocks per burst; absent in older "
+                             "recordings, whose budget counts instructions) plus, when the engines are installed, `{engine, unicorn, capstone, exit_set, exits, "
                              "scan_version}` (exit_set: hash of the sweep's exit addresses); replay uses the same"),
     Field("guest_cpuid", "map", "what a guest on this host really sees in CPUID: "
                                 "`{leaf1_ecx, leaf1_edx, leaf7_ebx, leaf7_ecx, leaf7_edx, rdrand, rdseed, "
