@@ -18,6 +18,7 @@ pure-Python loop runs (tracevisor/fastloop.py says so in one line at first use).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import shutil
 import sys
@@ -121,9 +122,11 @@ class SdistWithGuests(sdist):
 def fastloop_extension() -> Extension:
     """The native run loop; CRC-32 from zlib when its header is present, else the module's own table."""
     zlib = any(Path(d, "zlib.h").is_file() for d in ("/usr/include", "/usr/local/include"))
+    # the build tag tracevisor/fastloop.py checks against the shipped source (source_sha there)
+    sha = "h" + hashlib.sha256((HERE / "tracevisor" / "_fastloop.c").read_bytes()).hexdigest()[:16]
     return Extension(
         "tracevisor._fastloop", ["tracevisor/_fastloop.c"],
-        define_macros=[("TV_HAVE_ZLIB", "1")] if zlib else [],
+        define_macros=[("TV_SOURCE_SHA", sha)] + ([("TV_HAVE_ZLIB", "1")] if zlib else []),
         libraries=["z"] if zlib else [],
         extra_compile_args=["-O2", "-std=gnu11"],
         optional=True,  # a failed build is a warning: the pure-Python loop still runs

@@ -9,9 +9,8 @@ outside RAM).  Runs on any host: no KVM involved."""
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import struct
+import types
 
 import pytest
 
@@ -19,6 +18,7 @@ pytest.importorskip("unicorn")
 pytest.importorskip("capstone")
 
 from tracevisor import fallback, fastloop  # noqa: E402
+from tracevisor.memory import GuestMemory  # noqa: E402
 
 RAM = 4 << 20
 CODE = 0x10000
@@ -36,37 +36,33 @@ LOAD = b"\x48\xbb" + struct.pack("<Q", OUTSIDE) + bytes.fromhex("90" "488b03" "f
 
 
 class _Fallback:
-    """What an engine asks of its Fallback: the exit set, the budget unit, a disassembler, virtual reads
-    (identity-mapped here)."""
+    """What an engine asks of its Fallback — the exit set, the budget unit, a disassembler, virtual reads —
+    with the real Fallback's methods for reading guest memory and noting the pages a burst wrote."""
 
-    def __init__(self, ram: mmap.mmap, exits: list[int], unit: str) -> None:
-        self.ram = ram
+    read_virtual = fallback.Fallback.read_virtual
+    _note_written = fallback.Fallback._note_written
+
+    def __init__(self, memory: GuestMemory, exits: list[int], unit: str) -> None:
+        self.machine = types.SimpleNamespace(memory=memory)
         self.exits = exits
         self.budget_unit = unit
         self.dis = fallback.Disassembler()
-
-    def read_virtual(self, va: int, size: int, cr3: int) -> bytes:
-        return self.ram[va:va + size]
-
-
-class _Memory:
-    def __init__(self, ram: mmap.mmap) -> None:
-        self.size = len(ram)
-        self.host_address = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+        self.stats = {"pages_written": 0}
 
 
 def _engine(code: bytes, unit: str, native: bool, monkeypatch) -> fallback._Engine:
-    ram = mmap.mmap(-1, RAM)
-    # PML4 at 0x1000 → PDPT at 0x2000 → PD at 0x3000: three identity-mapped 2 MiB pages
-    struct.pack_into("<Q", ram, 0x1000, 0x2000 | 3)
-    struct.pack_into("<Q", ram, 0x2000, 0x3000 | 3)
+    mem = GuestMemory(RAM)
+    # PML4 at 0x1000 → PDPT at 0x2000 → PD at 0x3000: identity-mapped 2 MiB pages, but 0x600000-0x7fffff
+    # through a page table at 0x4000 (filled by the tests that use it)
+    mem.write_u64(0x1000, 0x2000 | 3)
+    mem.write_u64(0x2000, 0x3000 | 3)
     for i in range(3):
-        struct.pack_into("<Q", ram, 0x3000 + 8 * i, (i << 21) | 0x83)
-    ram[CODE:CODE + len(code)] = code
+        mem.write_u64(0x3000 + 8 * i, (i << 21) | 0x83)
+    mem.write_u64(0x3000 + 8 * 3, 0x4000 | 3)
+    mem.write(CODE, code)
     if not native:
         monkeypatch.setattr(fallback, "_native_counter", lambda uclib: None)
-    eng = fallback._Engine(_Fallback(ram, [CODE + len(code) - 1], unit), _Memory(ram))
-    eng._ram = ram  # keep the mapping alive as long as the engine
+    eng = fallback._Engine(_Fallback(mem, [CODE + len(code) - 1], unit), mem)
     if unit == "blocks":
         assert (eng.native is not None) == native
     s = eng.sregs
@@ -140,3 +136,40 @@ def test_an_access_outside_ram_stops_before_the_instruction(native, monkeypatch)
     eng = _engine(LOAD, "blocks", native, monkeypatch)
     (stop, end, count, _b), = _bursts(eng, 1000)
     assert (stop, end, count, eng.bad_access) == ("mmio", CODE + 11, 2, OUTSIDE)
+
+
+def _store(value: int, address: int) -> bytes:
+    """mov rax, value; mov rbx, address; mov [rbx], rax; hlt"""
+    return b"\x48\xb8" + struct.pack("<Q", value) + b"\x48\xbb" + struct.pack("<Q", address) + bytes.fromhex("488903f4")
+
+
+@pytest.mark.parametrize("native", _paths())
+def test_bursts_note_the_physical_pages_they_store_to(native, monkeypatch):
+    """Unicorn writes guest RAM through the host mapping, which KVM's dirty log does not see: memory hashes,
+    checkpoints and schedule digests learn the pages from the fallback (guest-physical, after the walk)."""
+    eng = _engine(_store(0x1122334455667788, 0x600008), "blocks", native, monkeypatch)
+    mem = eng.fb.machine.memory
+    mem.write_u64(0x4000, 0x100000 | 3)  # virtual 0x600000 → physical 0x100000
+    eng.track_writes()
+    assert _bursts(eng, 100)[-1][0] == "exit"
+    assert mem.read_u64(0x100008) == 0x1122334455667788
+    assert eng.written() == ([0x100], [], False)
+    mem.host_dirty = set()
+    eng.fb._note_written(eng.written(), eng.sregs.cr3)
+    assert mem.host_dirty == {0x100}
+
+
+@pytest.mark.parametrize("native", _paths())
+def test_a_store_across_pages_finds_the_second_page_through_the_page_tables(native, monkeypatch):
+    eng = _engine(_store(0x1122334455667788, 0x600FFC), "blocks", native, monkeypatch)
+    mem = eng.fb.machine.memory
+    mem.write_u64(0x4000, 0x100000 | 3)  # virtual 0x600000 → physical 0x100000
+    mem.write_u64(0x4008, 0x300000 | 3)  # virtual 0x601000 → physical 0x300000 (not the next page)
+    eng.track_writes()
+    assert _bursts(eng, 100)[-1][0] == "exit"
+    assert (mem.read(0x100FFC, 4), mem.read(0x300000, 4)) == (bytes.fromhex("88776655"), bytes.fromhex("44332211"))
+    pages, crossings, overflow = eng.written()
+    assert crossings == [0x100FFC] and not overflow
+    mem.host_dirty = set()
+    eng.fb._note_written((pages, crossings, overflow), eng.sregs.cr3)
+    assert 0x300 in mem.host_dirty and 0x100 in mem.host_dirty

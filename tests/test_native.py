@@ -49,6 +49,21 @@ def test_layout_matches_uapi():
     assert ext.RING_MAX == (4096 - 8) // 24
 
 
+def test_a_build_of_another_source_is_refused():
+    """An in-place build left over from an older _fastloop.c (same ABI number, missing what the source now
+    has) must not load: the build carries the hash of its source, and a mismatch is a stale build."""
+    import types
+
+    ext = native()
+    assert ext.SOURCE_SHA == fastloop.source_sha()
+    stale = types.SimpleNamespace(**{k: getattr(ext, k) for k in dir(ext) if k.isupper()})
+    stale.__file__ = "stale.so"
+    fastloop._check(stale)  # (the same constants: accepted)
+    stale.SOURCE_SHA = "h0000000000000000"
+    with pytest.raises(ImportError, match="stale or foreign"):
+        fastloop._check(stale)
+
+
 def strip_times(ev: dict) -> dict:
     out = {k: v for k, v in ev.items() if k not in TIMES}
     if ev["k"] == "hostio" and ev["op"] in ("boot_time", "rdtsc", "rdtscp"):

@@ -25,6 +25,13 @@
 #include <zlib.h>
 #endif
 
+/* which source this build came from (tracevisor/fastloop.py refuses a build of another version of this file) */
+#ifndef TV_SOURCE_SHA
+#define TV_SOURCE_SHA unknown
+#endif
+#define TV_STR2(x) #x
+#define TV_STR(x) TV_STR2(x)
+
 #define TV_KVM_RUN 0xAE80u       /* _IO(KVMIO, 0x80) */
 #define OFF_EXIT_REASON 8
 #define OFF_IO 32                /* struct { u8 direction, size; u16 port; u32 count; u64 data_offset; } */
@@ -381,7 +388,11 @@ static PyTypeObject LoopType = {
  * count from a table keyed by (address, size).  Blocks not in the table yet are counted by visits; Python
  * disassembles them after the burst (result/learn) and the table knows them from then on.
  *
- * The hook runs inside uc_emu_start, called through ctypes with the GIL released: it touches only this
+ * A second hook, installed only when something tracks written memory (memory hashes, checkpoints, the exact
+ * schedule's digests), collects the pages the burst stores to (Unicorn's store hooks get guest-physical
+ * addresses): Unicorn writes guest RAM through the host mapping, which KVM's dirty log does not see.
+ *
+ * The hooks run inside uc_emu_start, called through ctypes with the GIL released: they touch only this
  * object's C fields and the C heap.
  */
 typedef struct {
@@ -392,6 +403,7 @@ typedef struct {
 } BcEntry;
 
 #define BC_UNKNOWN 0xFFFFFFFFu
+#define BC_CROSS_MAX 64
 #define BC_EMPTY UINT64_MAX
 
 typedef struct {
@@ -405,6 +417,13 @@ typedef struct {
     uint32_t mask, used;
     uint32_t *pending;
     uint32_t npending, cap;
+    /* the virtual pages the burst wrote (write hook; a set, open addressing, emptied by start) */
+    uint64_t *wpages;
+    uint32_t wmask, wused;
+    uint64_t wlast;
+    uint64_t cross[BC_CROSS_MAX]; /* physical addresses of stores that cross a page boundary */
+    uint32_t ncross;
+    int cross_overflow;
 } BlockCounter;
 
 static uint32_t bc_hash(uint64_t addr, uint32_t size) {
@@ -492,6 +511,57 @@ static void bc_hook(void *uc, uint64_t addr, uint32_t size, void *user) {
     }
 }
 
+static int bc_wadd(BlockCounter *c, uint64_t page) {
+    if ((c->wused + 1) * 2 > c->wmask + 1) {
+        uint32_t slots = c->wmask ? (c->wmask + 1) * 2 : 256;
+        uint64_t *t = malloc(sizeof(uint64_t) * slots);
+        if (t == NULL) return -1;
+        for (uint32_t i = 0; i < slots; i++) t[i] = BC_EMPTY;
+        for (uint32_t i = 0; c->wpages && i <= c->wmask; i++) {
+            if (c->wpages[i] == BC_EMPTY) continue;
+            uint32_t j = bc_hash(c->wpages[i], 0) & (slots - 1);
+            while (t[j] != BC_EMPTY) j = (j + 1) & (slots - 1);
+            t[j] = c->wpages[i];
+        }
+        free(c->wpages);
+        c->wpages = t;
+        c->wmask = slots - 1;
+    }
+    uint32_t j = bc_hash(page, 0) & c->wmask;
+    while (c->wpages[j] != BC_EMPTY) {
+        if (c->wpages[j] == page) return 0;
+        j = (j + 1) & c->wmask;
+    }
+    c->wpages[j] = page;
+    c->wused++;
+    return 0;
+}
+
+/* UC_HOOK_MEM_WRITE: the page(s) of every store of the burst (guest-physical addresses) */
+static void bc_write_hook(void *uc, int type, uint64_t addr, int size, int64_t value, void *user) {
+    BlockCounter *c = (BlockCounter *)user;
+    (void)type;
+    (void)value;
+    uint64_t first = addr >> 12, last = (addr + (uint64_t)(size > 0 ? size - 1 : 0)) >> 12;
+    if (last != first) {
+        /* the hook sees the physical address of the first byte only: which page the rest went to depends on
+           the page tables (Python resolves it) */
+        if (c->ncross < BC_CROSS_MAX)
+            c->cross[c->ncross++] = addr;
+        else
+            c->cross_overflow = 1;
+    }
+    for (uint64_t p = first; p <= last; p++) {
+        if (p == c->wlast) continue;
+        if (bc_wadd(c, p) < 0) {
+            c->failed = 1;
+            c->stop(uc);
+            return;
+        }
+        c->wlast = p;
+    }
+}
+
 static int BlockCounter_init(BlockCounter *c, PyObject *args, PyObject *kw) {
     static char *names[] = {"stop", NULL};
     unsigned long long stop;
@@ -502,6 +572,7 @@ static int BlockCounter_init(BlockCounter *c, PyObject *args, PyObject *kw) {
     }
     c->stop = (int (*)(void *))(uintptr_t)stop;
     c->last = -1;
+    c->wlast = BC_EMPTY;
     if (c->table == NULL && bc_alloc(c, 1u << 14) < 0) {
         PyErr_NoMemory();
         return -1;
@@ -512,6 +583,7 @@ static int BlockCounter_init(BlockCounter *c, PyObject *args, PyObject *kw) {
 static void BlockCounter_dealloc(BlockCounter *c) {
     free(c->table);
     free(c->pending);
+    free(c->wpages);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -526,7 +598,45 @@ static PyObject *BlockCounter_start(BlockCounter *c, PyObject *arg) {
     c->last = -1;
     c->budget_hit = 0;
     c->failed = 0;
+    if (c->wused) {
+        for (uint32_t i = 0; i <= c->wmask; i++) c->wpages[i] = BC_EMPTY;
+        c->wused = 0;
+    }
+    c->wlast = BC_EMPTY;
+    c->ncross = 0;
+    c->cross_overflow = 0;
     Py_RETURN_NONE;
+}
+
+static PyObject *BlockCounter_written(BlockCounter *c, PyObject *Py_UNUSED(ignored)) {
+    PyObject *cross = PyList_New(0);
+    if (cross == NULL) return NULL;
+    for (uint32_t i = 0; i < c->ncross; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(c->cross[i]);
+        if (v == NULL || PyList_Append(cross, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(cross);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        Py_DECREF(cross);
+        return NULL;
+    }
+    for (uint32_t i = 0; c->wused && i <= c->wmask; i++) {
+        if (c->wpages[i] == BC_EMPTY) continue;
+        PyObject *v = PyLong_FromUnsignedLongLong(c->wpages[i]);
+        if (v == NULL || PyList_Append(out, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(out);
+            Py_DECREF(cross);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return Py_BuildValue("NNO", out, cross, c->cross_overflow ? Py_True : Py_False);
 }
 
 static PyObject *BlockCounter_result(BlockCounter *c, PyObject *Py_UNUSED(ignored)) {
@@ -594,6 +704,10 @@ static PyObject *BlockCounter_get_hook(BlockCounter *Py_UNUSED(c), void *Py_UNUS
     return PyLong_FromVoidPtr((void *)(uintptr_t)bc_hook);
 }
 
+static PyObject *BlockCounter_get_write_hook(BlockCounter *Py_UNUSED(c), void *Py_UNUSED(closure)) {
+    return PyLong_FromVoidPtr((void *)(uintptr_t)bc_write_hook);
+}
+
 static PyObject *BlockCounter_get_address(BlockCounter *c, void *Py_UNUSED(closure)) {
     return PyLong_FromVoidPtr((void *)c);
 }
@@ -606,11 +720,16 @@ static PyMethodDef BlockCounter_methods[] = {
     {"learn", (PyCFunction)BlockCounter_learn, METH_O,
      "learn(counts): the instruction counts of the pending blocks, in result()'s order."},
     {"forget", (PyCFunction)BlockCounter_forget, METH_NOARGS, "Forget every block (the guest's code changed)."},
+    {"written", (PyCFunction)BlockCounter_written, METH_NOARGS,
+     "(guest-physical page numbers the burst wrote, in no particular order; physical addresses of its stores that "
+     "crossed a page boundary; True if there were more of those than it kept) — with write_hook installed."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef BlockCounter_getset[] = {
     {"hook", (getter)BlockCounter_get_hook, NULL, "address of the C block hook (uc_cb_hookcode_t)", NULL},
+    {"write_hook", (getter)BlockCounter_get_write_hook, NULL,
+     "address of the C store hook (uc_cb_hookmem_t) that collects the pages a burst writes", NULL},
     {"address", (getter)BlockCounter_get_address, NULL, "the hook's user_data: this object", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -676,7 +795,8 @@ PyMODINIT_FUNC PyInit__fastloop(void) {
 #else
               PyModule_AddIntConstant(m, "ZLIB", 0) ||
 #endif
-              PyModule_AddIntConstant(m, "ABI", 2);
+              PyModule_AddIntConstant(m, "ABI", 2) ||
+              PyModule_AddStringConstant(m, "SOURCE_SHA", TV_STR(TV_SOURCE_SHA));
     if (bad) {
         Py_DECREF(m);
         return NULL;

@@ -209,6 +209,9 @@ class _Engine:
         self.uc.hook_add(UC_HOOK_INTR, self._on_intr)
         self.uc.hook_add(UC_HOOK_MEM_INVALID, self._on_invalid)
         self.unit = fb.budget_unit
+        self.tracking = False  # store hook installed: written() lists the pages a burst wrote
+        self.wpages: set[int] = set()
+        self.wcross: list[int] = []
         self.counter_offset = None
         self.native = None  # the C block counter (tracevisor._fastloop.BlockCounter)
         self.limit = 0
@@ -252,6 +255,39 @@ class _Engine:
             n = self.icount_cache[key] = self._block_icount(address, size)
         self.block_icount = n
         self.last_block = key
+
+    def _on_write(self, uc, access, address, size, value, _user) -> None:
+        last = (address + max(size, 1) - 1) >> 12
+        self.wpages.update(range(address >> 12, last + 1))
+        if last != address >> 12:
+            self.wcross.append(address)
+
+    def track_writes(self) -> None:
+        """From now on, note the pages each burst stores to (Unicorn writes guest RAM through the host
+        mapping, so KVM's dirty log misses them): installed only while something tracks written memory
+        (it makes every store call the hook)."""
+        from unicorn import UC_HOOK_MEM_WRITE
+
+        if self.native is not None:
+            handle = ctypes.c_size_t()
+            err = self.uclib.uc_hook_add(self.uch, ctypes.byref(handle), UC_HOOK_MEM_WRITE,
+                                         ctypes.c_void_p(self.native.write_hook),
+                                         ctypes.c_void_p(self.native.address), ctypes.c_uint64(1),
+                                         ctypes.c_uint64(0))
+            if err:
+                raise TracevisorError(f"unicorn rejected the store hook (error {err})")
+        else:
+            self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write)
+        self.tracking = True
+
+    def written(self) -> tuple[list[int], list[int], bool]:
+        """What the last burst stored to (with track_writes): the guest-physical page numbers (Unicorn's
+        store hook gets physical addresses), the physical addresses of stores that crossed a page boundary
+        (the hook sees only the first byte's page: the next virtual page may be anywhere), and whether
+        there were more of those than the native counter keeps."""
+        if self.native is not None:
+            return self.native.written()
+        return list(self.wpages), list(self.wcross), False
 
     def _block_icount(self, address: int, size: int) -> int:
         """Instructions in the translation block at ``address`` (virtual) of ``size`` bytes."""
@@ -326,6 +362,8 @@ class _Engine:
         self.last_block = (0, 0)
         self.blocks = 0
         self.budget_hit = False
+        self.wpages.clear()
+        self.wcross.clear()
         from unicorn import UcError
 
         if self.unit == "blocks":
@@ -396,6 +434,39 @@ class _Engine:
         return ("fault" if self.vector is not None else "mmio"), insns
 
 
+def _next_pages(mem, page: int, cr3: int) -> set[int]:
+    """The physical pages that follow physical ``page`` in the virtual address space: for every virtual page
+    mapped to it, the page the next virtual page maps to (and ``page + 1``, the identity case)."""
+    out = {page + 1}
+    target = page << 12
+    mask = 0x000F_FFFF_FFFF_F000
+
+    def walk(table: int, level: int, va: int) -> None:
+        shift = 12 + 9 * (level - 1)
+        for i in range(512):
+            e = mem.read_u64(table + 8 * i, "page-table entry")
+            if not e & 1:
+                continue
+            base = va | (i << shift)
+            if level == 4 and i >= 256:
+                base |= 0xFFFF_0000_0000_0000  # canonical upper half
+            if level == 1 or (level in (2, 3) and e & 0x80):
+                pa = e & mask & ~((1 << shift) - 1)
+                if pa <= target < pa + (1 << shift):
+                    try:
+                        out.add(mem.translate(base + (target - pa) + 4096, cr3)[0] >> 12)
+                    except Exception:
+                        pass  # the next virtual page is not mapped: the store faulted there
+            elif (e & mask) < mem.size:
+                walk(e & mask, level - 1, base)
+
+    try:
+        walk(cr3 & mask, 4, 0)
+    except Exception:
+        pass
+    return out
+
+
 def _native_counter(uclib):
     """A new C block counter bound to this Unicorn library, or None without the native extension."""
     from . import fastloop
@@ -460,7 +531,7 @@ class Fallback:
             if e.function == 0xD and e.index >= 2:
                 self.cpuid_0d[e.index] = (e.eax, e.ebx)
         self.stats = {"bursts": 0, "instructions": 0, "blocks": 0, "xgetbv": 0, "xsave": 0, "xrstor": 0, "nm": 0,
-                      "exceptions": 0, "transfer_ns": 0, "burst_ns": 0, "setup_ns": 0}
+                      "exceptions": 0, "pages_written": 0, "transfer_ns": 0, "burst_ns": 0, "setup_ns": 0}
 
     # the one entry point from the run loop ----------------------------------------------------
     def handle(self, v) -> dict:
@@ -504,9 +575,14 @@ class Fallback:
         f = vc.get_fpu()
         ctypes.memmove(ctypes.addressof(eng.fpu), ctypes.addressof(f), ctypes.sizeof(f))
         eng.load()
+        mem = self.machine.memory
+        if mem.host_dirty is not None and not eng.tracking:
+            eng.track_writes()
         t1 = time.perf_counter_ns()
         stop, count = eng.run(rip, self.budget)
         t2 = time.perf_counter_ns()
+        if eng.tracking and mem.host_dirty is not None:
+            self._note_written(eng.written(), s.cr3)
         x87 = eng.store()
         end = eng.regs.rip
         fields = {"start": rip, "end": end, "count": count, "stop": stop, "insn": mnem}
@@ -545,6 +621,22 @@ class Fallback:
         return {"kind": "burst", **fields}
 
     # helpers -----------------------------------------------------------------------------------
+    def _note_written(self, written: tuple[list[int], list[int], bool], cr3: int) -> None:
+        """The guest-physical pages a burst stored to join the host's writes (memory hashes, checkpoints
+        and schedule digests take them from there).  A store across a page boundary also wrote the page
+        behind the next virtual page, found through the page tables (rare: none in rusty_demo)."""
+        pages, crossings, overflow = written
+        mem = self.machine.memory
+        npages = mem.size >> 12
+        dirty = mem.host_dirty
+        dirty.update(p for p in pages if p < npages)  # (beyond RAM: the burst stopped before it)
+        if overflow:  # too many to follow: every page may have changed
+            dirty.update(range(npages))
+        elif crossings:
+            for p in {a >> 12 for a in crossings}:
+                dirty.update(q for q in _next_pages(mem, p, cr3) if q < npages)
+        self.stats["pages_written"] += len(pages)
+
     def _code(self, rip: int, cr3: int) -> bytes:
         return self.read_virtual(rip, 15, cr3)
 

@@ -43,6 +43,11 @@ def _zlib_available(cc: str) -> bool:
     return include.is_file() and bool(shutil.which(cc.split()[0]))
 
 
+def source_sha(source: Path = SOURCE) -> str:
+    """The build tag of a _fastloop.c: "h" and 16 hex digits of its SHA-256 (setup.py computes the same)."""
+    return "h" + hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+
+
 def _compile(out: Path) -> None:
     """Compile SOURCE into the extension module ``out`` (raises OSError/CalledProcessError on failure)."""
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
@@ -52,7 +57,8 @@ def _compile(out: Path) -> None:
     include = sysconfig.get_paths()["include"]
     if not (Path(include) / "Python.h").is_file():
         raise OSError(f"Python.h not found in {include} (install the Python development headers)")
-    base = [*cc_argv, "-shared", "-fPIC", "-O2", "-std=gnu11", f"-I{include}", str(SOURCE), "-o"]
+    base = [*cc_argv, "-shared", "-fPIC", "-O2", "-std=gnu11", f"-I{include}", f"-DTV_SOURCE_SHA={source_sha()}",
+            str(SOURCE), "-o"]
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
     os.close(fd)
@@ -94,6 +100,8 @@ def _check(module: ModuleType) -> ModuleType:
     expected = {"ABI": ABI, "KVM_RUN": U.KVM_RUN, "OFF_EXIT_REASON": U.kvm_run.exit_reason.offset,
                 "OFF_REGS": U.kvm_run.s.offset, "IO_DATA_OFFSET": 4096,
                 "OFF_IO": U.kvm_run.exit.offset}
+    if SOURCE.is_file():  # a build of another version of the source (a stale in-place build) must not run
+        expected["SOURCE_SHA"] = source_sha()
     for name, value in expected.items():
         if getattr(module, name, None) != value:
             raise ImportError(f"{module.__file__} is stale or foreign ({name} = {getattr(module, name, None)}, "
