@@ -27,6 +27,9 @@ def main() -> int:
     assert stop.code == 0, stop.message
     seqs = [e["seq"] for e in open_trace(trace).events(kinds=["exit"])]
     end = len(seqs) - 10
+    if end < 2:
+        print(f"the recording has {len(seqs)} exits: too few to seek in (use a larger --n)", file=sys.stderr)
+        return 2
     with replay.Replayer(trace, checkpoint_every=a.every) as r:
         t = time.perf_counter()
         r.run_to(seqs[end])
@@ -34,6 +37,9 @@ def main() -> int:
         print(f"replay to exit {end} with a checkpoint every {a.every} exits: {fwd:.2f} s, "
               f"{len(r.store.checkpoints)} checkpoints, {r.store.nbytes / 2**20:.1f} MiB of pages")
         for back in (1_000, 100_000):
+            if back > end:
+                print(f"seek back {back:>7} exits: skipped (the recording has {len(seqs)} exits; use a larger --n)")
+                continue
             r.seek(seqs[end])
             t = time.perf_counter()
             r.seek(seqs[end - back])

@@ -678,16 +678,7 @@ class Fallback:
         if vector not in _FAULTS:
             raise FallbackStop(f"the fallback emulator raised vector {vector} at {rip:#x}",
                                instruction_hint(self.dis.mnemonic(code, rip)))
-        ev = vc.get_vcpu_events()
-        raw = bytearray(bytes(ev.raw))
-        has_ec = vector in _HAS_ERROR_CODE
-        struct.pack_into("<BBBBI", raw, 0, 1, vector, 1 if has_ec else 0, 0, error_code)
-        struct.pack_into("<I", raw, 20, 0)  # flags: change nothing else
-        ctypes.memmove(ctypes.addressof(ev), bytes(raw), len(raw))
-        vc.set_vcpu_events(ev)
-        if has_ec:
-            fields["error_code"] = error_code
-        self.stats["exceptions"] += 1
+        fields.update(self._inject_raw(v, vector, error_code))
         if vector == 7:
             self.stats["nm"] += 1
         return fields
@@ -832,16 +823,18 @@ class Fallback:
         return fields
 
     def _inject_raw(self, v, vector: int, error_code: int) -> dict:
+        """Make ``vector`` pending in the vCPU (KVM_SET_VCPU_EVENTS), with ``error_code`` when the vector
+        has one; the trace fields that say so."""
         vc = v.vcpu
         ev = vc.get_vcpu_events()
         raw = bytearray(bytes(ev.raw))
         has_ec = vector in _HAS_ERROR_CODE
         struct.pack_into("<BBBBI", raw, 0, 1, vector, 1 if has_ec else 0, 0, error_code)
-        struct.pack_into("<I", raw, 20, 0)
+        struct.pack_into("<I", raw, 20, 0)  # flags: change nothing else
         ctypes.memmove(ctypes.addressof(ev), bytes(raw), len(raw))
         vc.set_vcpu_events(ev)
         self.stats["exceptions"] += 1
-        return {"vector": vector, "error_code": error_code}
+        return {"vector": vector, "error_code": error_code} if has_ec else {"vector": vector}
 
 
 def atomics_needed(machine) -> bool:
