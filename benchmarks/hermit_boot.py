@@ -27,7 +27,9 @@ TIMEOUT_S = 300.0
 
 
 def bench(name: str, cpus: int = 1, atomics_in_kvm: bool | None = None, unit: str = "blocks") -> tuple[float, float]:
-    budget = {"blocks": session.SessionConfig.fallback_budget, "instructions": 100_000}[unit]
+    from tracevisor.fallback import BUDGET_DEFAULTS
+
+    budget = BUDGET_DEFAULTS[unit]
     cfg = session.SessionConfig(kernel=os.path.join(KERNELS, name), cpus=cpus, quiet=True, env=ENV,
                                 timeout=TIMEOUT_S, fallback_atomics=atomics_in_kvm, fallback_budget=budget,
                                 fallback_budget_unit=unit)

@@ -173,3 +173,19 @@ def test_a_store_across_pages_finds_the_second_page_through_the_page_tables(nati
     mem.host_dirty = set()
     eng.fb._note_written((pages, crossings, overflow), eng.sregs.cr3)
     assert 0x300 in mem.host_dirty and 0x100 in mem.host_dirty
+
+
+def test_new_runs_count_blocks_only_where_the_block_counter_is(monkeypatch):
+    """Without the native extension a block budget would cost a Python callback per block: new runs then
+    count instructions with Unicorn's own counter (the trace header says which; replays follow it)."""
+    from tracevisor import session
+
+    cfg = session.SessionConfig(kernel="k")
+    monkeypatch.setattr(fallback, "block_counter_available", lambda: False)
+    vm = cfg.vm_config()
+    assert (vm.fallback_budget_unit, vm.fallback_budget) == ("instructions", 100_000)
+    monkeypatch.setattr(fallback, "block_counter_available", lambda: True)
+    vm = cfg.vm_config()
+    assert (vm.fallback_budget_unit, vm.fallback_budget) == ("blocks", 10_000)
+    cfg.fallback_budget = 77  # an explicit budget is in the unit in use
+    assert cfg.vm_config().fallback_budget == 77

@@ -85,10 +85,11 @@ def add_vm_options(p: argparse.ArgumentParser, record: bool = False) -> None:
                    help="report a hang (status 3, with its RIP) when a running vCPU keeps interrupts disabled "
                         "and makes no exit for this long (default 5; 0 = never); guests that compute longer "
                         "with interrupts off and no I/O need a larger value")
-    p.add_argument("--fallback-budget", type=int, default=10_000, metavar="N",
+    p.add_argument("--fallback-budget", type=int, default=None, metavar="N",
                    help="at most N translation blocks (straight-line runs of guest code) per fallback burst "
-                        "(default 10000, under 1 ms of emulation): bounds how long an interrupt waits; "
-                        "part of the trace, so a replay uses the recorded value")
+                        "(default 10000, under 1 ms of emulation; where the native extension is unavailable, "
+                        "N instructions, default 100000): bounds how long an interrupt waits; part of the "
+                        "trace, so a replay uses the recorded value")
     p.add_argument("--net", default=None, metavar="SPEC",
                    help="give the guest a virtio-net NIC (legacy, PCI 00:00.0, I/O BAR 0xC000; polled, no "
                         "interrupts) attached to tap:IFNAME (an existing Linux TAP device; tap:IFNAME,create makes a "
@@ -248,7 +249,7 @@ def session_config(ns: argparse.Namespace):
                          verbose=ns.verbose, pit=ns.pit, timeout=ns.timeout, net=getattr(ns, "net", None),
                          quiet=getattr(ns, "quiet", False), coalesce_console=ns.coalesce_console,
                          fallback=getattr(ns, "fallback", "auto"),
-                         fallback_budget=getattr(ns, "fallback_budget", 10_000),
+                         fallback_budget=getattr(ns, "fallback_budget", None),
                          spin_hang_s=getattr(ns, "spin_hang", 5.0))
 
 

@@ -33,8 +33,13 @@ from .errors import TracevisorError
 from .kvm import uapi as U
 from .runloop import SYNC_REGS_OFFSET
 
-DEFAULT_BUDGET = 10_000  # translation blocks per burst at most (bounds interrupt latency; deterministic)
-BUDGET_UNITS = ("blocks", "instructions")  # "instructions": recordings made before budgets counted blocks
+# Burst budgets (bound interrupt latency; deterministic).  "blocks": translation blocks, counted by the native
+# extension's block hook; "instructions": Unicorn's own per-instruction counter — recordings made before
+# budgets counted blocks, and hosts where the extension cannot be built (a Python block hook would cost a
+# callback per block).
+BUDGET_DEFAULTS = {"blocks": 10_000, "instructions": 100_000}
+BUDGET_UNITS = tuple(BUDGET_DEFAULTS)
+DEFAULT_BUDGET = BUDGET_DEFAULTS["blocks"]
 MODES = ("auto", "on", "off")
 
 # Exception vectors (hook_intr numbers) that are faults at an instruction, and which carry an error code
@@ -469,12 +474,26 @@ def _next_pages(mem, page: int, cr3: int) -> set[int]:
 
 def _native_counter(uclib):
     """A new C block counter bound to this Unicorn library, or None without the native extension."""
+    if not block_counter_available():
+        return None
     from . import fastloop
 
-    mod = fastloop.load()
-    if mod is None or not hasattr(mod, "BlockCounter"):
-        return None
-    return mod.BlockCounter(ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value)
+    return fastloop.extension().BlockCounter(ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value)
+
+
+def block_counter_available() -> bool:
+    from . import fastloop
+
+    mod = fastloop.extension()
+    return mod is not None and hasattr(mod, "BlockCounter")
+
+
+def resolve_budget(unit: str | None, budget: int | None) -> tuple[str, int]:
+    """The burst budget of a new run: in blocks where the native block counter is available, else in
+    instructions (Unicorn's own counter); ``budget`` None is that unit's default."""
+    if unit is None:
+        unit = "blocks" if block_counter_available() else "instructions"
+    return unit, BUDGET_DEFAULTS[unit] if budget is None else budget
 
 
 _COUNTER_OFFSET: list = []

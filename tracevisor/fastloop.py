@@ -148,6 +148,19 @@ def load(log=None) -> ModuleType | None:
     return module
 
 
+def extension() -> ModuleType | None:
+    """The extension for what is not the run loop (the instruction fallback's block counter): loaded whatever
+    ``TRACEVISOR_PURE_PYTHON`` says; None, without a message, when it cannot be (the run loop's :func:`load`
+    says why)."""
+    with _lock:
+        if "module" not in _state:
+            try:
+                _state["module"], _state["why"] = _find(), ""
+            except Exception as e:
+                _state["module"], _state["why"] = None, str(e) or type(e).__name__
+        return _state["module"]
+
+
 def unavailable_reason() -> str | None:
     """Why the last :func:`load` returned None ("" when it did not; None before any load)."""
     if os.environ.get("TRACEVISOR_PURE_PYTHON") == "1":

@@ -72,7 +72,7 @@ class VmConfig:
     coalesce_console: bool = False  # UART OUTs go to KVM's coalesced-I/O ring instead of exiting one by one
     fallback: str = "auto"  # instruction fallback (tracevisor/fallback.py): auto | on | off
     fallback_budget: int = 10_000  # translation blocks (or instructions: fallback_budget_unit) per burst at most
-    fallback_budget_unit: str = "blocks"  # "instructions" replays recordings made before budgets counted blocks
+    fallback_budget_unit: str = "blocks"  # or "instructions" (older recordings; hosts without the extension)
     fallback_atomics: bool | None = None  # bursts stop at locked instructions; None: only when vCPUs run at once
     spin_hang_s: float = 5.0  # a running vCPU with IF=0 and no exit between watchdog probes this long: a hang
     irq: str = "kernel"  # "kernel": KVM's irqchip (and PIT); "user": exact mode's models on virtual time

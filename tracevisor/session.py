@@ -74,8 +74,9 @@ class SessionConfig:
     schedule: list | None = None  # replay: the recorded vCPU schedule (`sched` events)
     coalesce_console: bool = False  # UART output through KVM's coalesced-I/O ring (no exit per byte)
     fallback: str = "auto"  # instruction fallback (tracevisor/fallback.py): auto | on | off
-    fallback_budget: int = 10_000  # translation blocks per fallback burst at most (or instructions, below)
-    fallback_budget_unit: str = "blocks"  # replay of an older recording: "instructions"
+    fallback_budget: int | None = None  # per fallback burst at most, in the unit below; None: its default
+    fallback_budget_unit: str | None = None  # "blocks" or "instructions"; None: blocks where the native
+    #                                          extension is available (fallback.resolve_budget)
     fallback_atomics: bool | None = None  # bursts stop at locked instructions; None: only if vCPUs run at once
     spin_hang_s: float = 5.0  # a running vCPU with interrupts off this long is reported as a hang
     irq: str | None = None  # interrupt model: "kernel" or "user"; None = "user" in exact mode, else "kernel"
@@ -92,12 +93,18 @@ class SessionConfig:
             self.net = None
 
     def vm_config(self) -> VmConfig:
+        from .fallback import BUDGET_DEFAULTS, resolve_budget
+
+        if self.fallback == "off":  # (recorded, not used: no need to look for the native extension)
+            unit = self.fallback_budget_unit or "blocks"
+            budget = BUDGET_DEFAULTS[unit] if self.fallback_budget is None else self.fallback_budget
+        else:
+            unit, budget = resolve_budget(self.fallback_budget_unit, self.fallback_budget)
         return VmConfig(kernel=self.kernel, args=list(self.args), memory=self.memory, cpus=self.cpus,
                         verbose=self.verbose, pit=self.pit, timeout=self.timeout, hide_rdrand=self.hide_rdrand,
                         cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s, exact=self.exact,
                         nd_sites=self.nd_sites, schedule=self.schedule, coalesce_console=self.coalesce_console,
-                        fallback=self.fallback, fallback_budget=self.fallback_budget,
-                        fallback_budget_unit=self.fallback_budget_unit,
+                        fallback=self.fallback, fallback_budget=budget, fallback_budget_unit=unit,
                         fallback_atomics=self.fallback_atomics, spin_hang_s=self.spin_hang_s, irq=self.interrupt_model(),
                         irq_tsc_khz=self.irq_tsc_khz)
 
@@ -121,9 +128,9 @@ class SessionConfig:
             raise TracevisorError(f"--timeout {self.timeout}: must be a positive number of seconds")
         if self.fallback not in ("auto", "on", "off"):
             raise TracevisorError(f"--fallback {self.fallback}: use auto, on or off")
-        if not 1 <= self.fallback_budget <= 1 << 31:
+        if self.fallback_budget is not None and not 1 <= self.fallback_budget <= 1 << 31:
             raise TracevisorError(f"--fallback-budget {self.fallback_budget}: must be 1 to {1 << 31}")
-        if self.fallback_budget_unit not in ("blocks", "instructions"):
+        if self.fallback_budget_unit not in (None, "blocks", "instructions"):
             raise TracevisorError(f"fallback budget unit {self.fallback_budget_unit!r}: blocks or instructions")
         if not 0 <= self.spin_hang_s < float("inf"):
             raise TracevisorError(f"--spin-hang {self.spin_hang_s}: must be 0 (off) or a number of seconds")
