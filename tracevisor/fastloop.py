@@ -129,16 +129,12 @@ def load(log=None) -> ModuleType | None:
     line saying why, unless ``TRACEVISOR_PURE_PYTHON=1`` asked for the pure-Python loop."""
     if os.environ.get("TRACEVISOR_PURE_PYTHON") == "1":
         return None
+    module = extension()
     with _lock:
-        if "module" in _state:
-            return _state["module"]
-        try:
-            module: ModuleType | None = _find()
-            why = ""
-        except Exception as e:  # any failure means: no native loop, say why once
-            module, why = None, str(e) or type(e).__name__
-        _state["module"], _state["why"] = module, why
-    if module is None:
+        why = _state["why"]
+        tell = module is None and not _state.get("told")  # say why once
+        _state["told"] = True
+    if tell:
         line = (f"native run loop unavailable ({why}); using the pure-Python loop "
                 "(same traces, higher cost per exit)")
         if log is not None:
