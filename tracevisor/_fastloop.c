@@ -692,14 +692,6 @@ static PyObject *BlockCounter_learn(BlockCounter *c, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *BlockCounter_forget(BlockCounter *c, PyObject *Py_UNUSED(ignored)) {
-    for (uint32_t i = 0; i <= c->mask; i++) c->table[i].addr = BC_EMPTY;
-    c->used = 0;
-    c->npending = 0;
-    c->last = -1;
-    Py_RETURN_NONE;
-}
-
 static PyObject *BlockCounter_get_hook(BlockCounter *Py_UNUSED(c), void *Py_UNUSED(closure)) {
     return PyLong_FromVoidPtr((void *)(uintptr_t)bc_hook);
 }
@@ -719,7 +711,6 @@ static PyMethodDef BlockCounter_methods[] = {
      "[(addr, size, visits)] of the blocks not known yet)."},
     {"learn", (PyCFunction)BlockCounter_learn, METH_O,
      "learn(counts): the instruction counts of the pending blocks, in result()'s order."},
-    {"forget", (PyCFunction)BlockCounter_forget, METH_NOARGS, "Forget every block (the guest's code changed)."},
     {"written", (PyCFunction)BlockCounter_written, METH_NOARGS,
      "(guest-physical page numbers the burst wrote, in no particular order; physical addresses of its stores that "
      "crossed a page boundary; True if there were more of those than it kept) — with write_hook installed."},

@@ -223,12 +223,7 @@ class _Engine:
         if self.unit == "blocks":
             self.native = _native_counter(uclib)
             if self.native is not None:
-                handle = ctypes.c_size_t()
-                err = uclib.uc_hook_add(self.uch, ctypes.byref(handle), UC_HOOK_BLOCK,
-                                        ctypes.c_void_p(self.native.hook), ctypes.c_void_p(self.native.address),
-                                        ctypes.c_uint64(1), ctypes.c_uint64(0))
-                if err:
-                    raise TracevisorError(f"unicorn rejected the block hook (error {err})")
+                self._add_native_hook(UC_HOOK_BLOCK, self.native.hook, "block")
             else:  # no native extension: the same budget and count from a Python block hook (slower)
                 self.uc.hook_add(UC_HOOK_BLOCK, self._on_block)
         else:  # a recording made with an instruction budget: Unicorn's own per-instruction budget
@@ -274,13 +269,7 @@ class _Engine:
         from unicorn import UC_HOOK_MEM_WRITE
 
         if self.native is not None:
-            handle = ctypes.c_size_t()
-            err = self.uclib.uc_hook_add(self.uch, ctypes.byref(handle), UC_HOOK_MEM_WRITE,
-                                         ctypes.c_void_p(self.native.write_hook),
-                                         ctypes.c_void_p(self.native.address), ctypes.c_uint64(1),
-                                         ctypes.c_uint64(0))
-            if err:
-                raise TracevisorError(f"unicorn rejected the store hook (error {err})")
+            self._add_native_hook(UC_HOOK_MEM_WRITE, self.native.write_hook, "store")
         else:
             self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write)
         self.tracking = True
@@ -294,12 +283,24 @@ class _Engine:
             return self.native.written()
         return list(self.wpages), list(self.wcross), False
 
+    def _add_native_hook(self, kind: int, callback: int, what: str) -> None:
+        """Install one of the native counter's C hooks (its address; the counter is the user data) for
+        all addresses."""
+        handle = ctypes.c_size_t()
+        err = self.uclib.uc_hook_add(self.uch, ctypes.byref(handle), kind, ctypes.c_void_p(callback),
+                                     ctypes.c_void_p(self.native.address), ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise TracevisorError(f"unicorn rejected the {what} hook (error {err})")
+
+    def _instructions_before(self, address: int, size: int, end: int) -> int:
+        """Instructions of the translation block at ``address`` (``size`` bytes) that start before ``end``:
+        what ran of a block a burst stopped inside."""
+        code = self.fb.read_virtual(address, size, self.sregs.cr3)
+        return self.fb.dis.count_between(code, address, end)
+
     def _block_icount(self, address: int, size: int) -> int:
         """Instructions in the translation block at ``address`` (virtual) of ``size`` bytes."""
-        if not size:
-            return 0
-        code = self.fb.read_virtual(address, size, self.sregs.cr3)
-        return self.fb.dis.count_between(code, address, address + size)
+        return self._instructions_before(address, size, address + size) if size else 0
 
     # transfer ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -401,8 +402,7 @@ class _Engine:
         # instructions executed: whole blocks before the last one, plus the last one up to the end rip
         a, size = self.last_block
         if a <= end < a + size:
-            code = bytes(self.uc.mem_read(a, size))
-            count = self.counted + self.fb.dis.count_between(code, a, end)
+            count = self.counted + self._instructions_before(a, size, end)
         else:
             count = self.counted + self.block_icount
         if self.vector is not None:
@@ -434,8 +434,7 @@ class _Engine:
             return "exit", insns
         # stopped inside the last block, before the instruction at ``end``
         if last is not None and last[0] <= end < last[0] + last[1]:
-            code = self.fb.read_virtual(last[0], last[1], self.sregs.cr3)
-            insns += self.fb.dis.count_between(code, last[0], end) - last[2]
+            insns += self._instructions_before(last[0], last[1], end) - last[2]
         return ("fault" if self.vector is not None else "mmio"), insns
 
 

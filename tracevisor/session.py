@@ -93,13 +93,11 @@ class SessionConfig:
             self.net = None
 
     def vm_config(self) -> VmConfig:
-        from .fallback import BUDGET_DEFAULTS, resolve_budget
+        from .fallback import resolve_budget
 
-        if self.fallback == "off":  # (recorded, not used: no need to look for the native extension)
-            unit = self.fallback_budget_unit or "blocks"
-            budget = BUDGET_DEFAULTS[unit] if self.fallback_budget is None else self.fallback_budget
-        else:
-            unit, budget = resolve_budget(self.fallback_budget_unit, self.fallback_budget)
+        # (with the fallback off the budget is recorded, not used: no need to look for the native extension)
+        unit = self.fallback_budget_unit or ("blocks" if self.fallback == "off" else None)
+        unit, budget = resolve_budget(unit, self.fallback_budget)
         return VmConfig(kernel=self.kernel, args=list(self.args), memory=self.memory, cpus=self.cpus,
                         verbose=self.verbose, pit=self.pit, timeout=self.timeout, hide_rdrand=self.hide_rdrand,
                         cpuid_rows=self.cpuid_rows, stagger_s=self.stagger_s, exact=self.exact,
