@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import EXIT_DATA, build_asm, run_cli
+from helpers import EXIT_DATA, build_asm, guest_symbols, run_cli
 from tracevisor import ndinsn
 
 REPLAYS = 10
@@ -140,14 +140,6 @@ TSC_SPIN = """
 """
 
 
-def _symbols(path) -> dict[str, int]:
-    from elftools.elf.elffile import ELFFile
-
-    with open(path, "rb") as f:
-        sym = ELFFile(f).get_section_by_name(".symtab")
-        return {s.name: s["st_value"] for s in sym.iter_symbols()}
-
-
 def record_inprocess(kernel, out, *, exact=True, cpus=1, regions=()) -> tuple:
     """Record like `tracevisor record` and return (stop info, header, the guest memory regions
     [(gpa, len)] read after the run, what the recorder reported) — the memory is the hidden state the
@@ -176,7 +168,7 @@ def nd_guest(tmp_path_factory):
 
 @kvm
 def test_rdtsc_rdrand_loop_replays_exactly(nd_guest, tmp_path):
-    sym = _symbols(nd_guest)
+    sym = guest_symbols(nd_guest)
     regions = [(sym["state"], 16), (sym["tscs"], 256 * 8)]
     trace = tmp_path / "nd.tvt"
     info, header, state, notes = record_inprocess(nd_guest, trace, regions=regions)
@@ -200,7 +192,7 @@ def spin_guest(tmp_path_factory):
 
 @kvm
 def test_debug_register_covers_an_untrusted_site(spin_guest, tmp_path):
-    sym = _symbols(spin_guest)
+    sym = guest_symbols(spin_guest)
     regions = [(sym["state"], 8)]
     trace = tmp_path / "spin.tvt"
     info, header, state, notes = record_inprocess(spin_guest, trace, regions=regions)
@@ -350,7 +342,7 @@ PRINTER_DATA = ".balign 8\nlines: .quad 0\nstop: .long 0\nacked: .long 0\n"
 @kvm
 def test_two_vcpus_replay_their_schedule(tmp_path, name, body, data, names):
     g = build_asm(tmp_path, name, body, EXIT_DATA.format(code=0) + data)
-    sym = _symbols(g)
+    sym = guest_symbols(g)
     regions = [(sym[n], size) for n, size in names]
     trace = tmp_path / f"{name}.tvt"
     info, header, state, notes = record_inprocess(g, trace, cpus=2, regions=regions)
@@ -397,7 +389,7 @@ SAME_REGS_DATA = ".balign 8\ncounter: .quad 0\nstop: .long 0\nacked: .long 0\n"
 @kvm
 def test_kick_points_in_a_loop_with_repeating_registers_are_told_apart_by_memory(tmp_path):
     g = build_asm(tmp_path, "sameregs", SAME_REGS, EXIT_DATA.format(code=0) + SAME_REGS_DATA)
-    sym = _symbols(g)
+    sym = guest_symbols(g)
     regions = [(sym["counter"], 8)]
     from tracevisor.sched import load_schedule
 

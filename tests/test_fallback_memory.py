@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 
-from helpers import EXIT_ASM, EXIT_DATA, build_asm
+from helpers import EXIT_ASM, EXIT_DATA, build_asm, guest_symbols
 
 pytestmark = pytest.mark.kvm
 
@@ -36,14 +36,6 @@ SSE_FILL = """
   jnz 1b
 """ + EXIT_ASM
 SSE_DATA = ".balign 4096\nbuf: .space 12288\n"
-
-
-def _symbol(path, name: str) -> int:
-    from elftools.elf.elffile import ELFFile
-
-    with open(path, "rb") as f:
-        return next(s["st_value"] for s in ELFFile(f).get_section_by_name(".symtab").iter_symbols()
-                    if s.name == name)
 
 
 def _full_hash(machine) -> int:
@@ -73,7 +65,7 @@ def test_pages_written_by_fallback_bursts_are_in_the_memory_hashes(tmp_path):
         m.mem_check = check
         info = s.run()
         assert info.reason == "exit" and info.status == 0, info.message
-        assert m.memory.read(_symbol(guest, "buf"), 12288) == b"\x5a" * 12288
+        assert m.memory.read(guest_symbols(guest)["buf"], 12288) == b"\x5a" * 12288
         bursts = m.fallback.stats["bursts"] if m.fallback is not None else 0
     assert checks and all(kept == full for kept, full in checks), checks
     with Replayer(str(out)) as r:
